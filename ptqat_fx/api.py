@@ -1,0 +1,85 @@
+"""``quantize``: the PTQAT pipeline as a composition of the public passes."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .config import QuantConfig
+from .errors import InputError
+from .passes.annotate import annotate
+from .passes.calibrate import calibrate
+from .passes.fold_bn import fold_bn
+from .passes.insert_quantizers import insert_quantizers
+from .tracing import trace
+
+
+def _check_example_inputs(model: nn.Module, example_inputs: Any) -> None:
+    """Raise InputError unless ``model`` (a copy: eval mode keeps BN statistics untouched)
+    runs on ``example_inputs``."""
+    if not isinstance(example_inputs, tuple):
+        raise InputError(
+            f"example_inputs must be a tuple of the model's positional inputs, got "
+            f"{type(example_inputs).__name__}; for one tensor write (x,)"
+        )
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*example_inputs)
+    except Exception as error:
+        raise InputError(
+            f"the model fails on example_inputs in eager mode ({type(error).__name__}: {error}); "
+            "pass inputs the unmodified model accepts"
+        ) from error
+    finally:
+        model.train(was_training)
+
+
+def quantize(
+    model: nn.Module,
+    example_inputs: tuple,
+    calib_data: Iterable[Any] | None = None,
+    config: QuantConfig | None = None,
+    *,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model`` and return a calibrated fake-quant ``GraphModule``.
+
+    The stages are the public passes ``trace -> fold_bn -> annotate -> insert_quantizers ->
+    calibrate``; each can be called on its own. ``model`` and its parameters are not touched:
+    the pipeline works on a deep copy.
+
+    Args:
+        model: any ``nn.Module`` torch.fx can trace (see ``leaf_modules``).
+        example_inputs: a tuple of the model's positional inputs; used to check the model
+            runs, and for calibration when ``calib_data`` is None.
+        calib_data: iterable of batches for PTQ calibration: tensors, or tuples whose first
+            ``len(example_inputs)`` items are the inputs (labels after them are ignored).
+        config: bits, observers, skipped layers; ``QuantConfig()`` (W4A8) by default.
+        leaf_modules: module classes or paths kept opaque by the tracer.
+        concrete_args: forward arguments fixed at trace time.
+        progress: show progress bars.
+
+    Returns:
+        A GraphModule in fake-quant mode, in the train/eval mode of ``model``.
+
+    Raises:
+        InputError, TraceError, CalibrationError, ConfigError.
+    """
+    config = config or QuantConfig()
+    working_copy = copy.deepcopy(model)
+    _check_example_inputs(working_copy, example_inputs)
+    gm = trace(working_copy, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm.meta["ptqat_config"] = config
+    if config.fold_bn:
+        gm = fold_bn(gm)
+    gm = annotate(gm, config)
+    gm = insert_quantizers(gm, config)
+    gm = calibrate(gm, calib_data if calib_data is not None else [example_inputs], len(example_inputs), progress=progress)
+    gm.train(model.training)
+    return gm

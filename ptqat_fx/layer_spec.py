@@ -1,0 +1,51 @@
+"""LayerSpec: what the passes know about one quantizable layer, kept in ``node.meta``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+META_KEY = "ptqat_layer"
+
+
+@dataclass
+class LayerSpec:
+    """One quantizable layer (one call site of a conv, linear or matmul).
+
+    Attributes:
+        name: the module path (``layer1.0.conv1``; ``#k`` appended for the k-th further call
+            of a module used at several places), or the FX node name for functional layers.
+        kind: ``conv2d``, ``linear``, ``conv_transpose2d``, ``matmul``...
+        module_path: the module called, or None for functional layers.
+        weight / bias: attribute paths of the parameters, None where the layer has none.
+        params: number of weight and bias elements.
+        index: position among the quantizable layers in graph (execution) order.
+        w_bits / a_bits: chosen bits, set when quantizers are inserted.
+        weight_quantizer / input_quantizers: module paths of its quantizers.
+        discrepancy: metric name -> value, filled by the discrepancy analysis.
+        selected: whether PTQAT fine-tunes it; None before selection.
+    """
+
+    name: str
+    kind: str
+    module_path: str | None
+    weight: str | None
+    bias: str | None
+    params: int
+    index: int
+    w_bits: int | None = None
+    a_bits: int | None = None
+    weight_quantizer: str | None = None
+    input_quantizers: tuple[str, ...] = ()
+    discrepancy: dict[str, float] = field(default_factory=dict)
+    selected: bool | None = None
+
+
+def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes that carry a LayerSpec, in graph order."""
+    return [node for node in gm.graph.nodes if META_KEY in node.meta]
+
+
+def layer_specs(gm: fx.GraphModule) -> list[LayerSpec]:
+    """The LayerSpecs of ``gm`` in graph order."""
+    return [node.meta[META_KEY] for node in layer_nodes(gm)]

@@ -1,0 +1,1 @@
+"""The graph passes; each takes a GraphModule and returns it rewritten."""

@@ -1,0 +1,73 @@
+"""PTQ calibration: run data through the graph with every quantizer observing, then set
+the step sizes from what was seen and switch to fake-quant.
+
+While observing, the graph computes in full precision, so every quantizer sees the ranges
+of the float model.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..batches import model_args
+from ..errors import CalibrationError
+from ..progress import progress_bar
+from ..quantizer import quantizers
+
+
+def _check_finite(args: tuple, index: int) -> None:
+    for position, value in enumerate(args):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CalibrationError(
+                f"calib_data batch {index}, input {position}: contains NaN or Inf; "
+                "clean or drop that batch"
+            )
+
+
+def calibrate(
+    gm: fx.GraphModule,
+    calib_data: Iterable[Any],
+    arity: int,
+    *,
+    progress: bool = True,
+) -> fx.GraphModule:
+    """Observe ``calib_data`` and initialise every quantizer's step size; returns ``gm``.
+
+    Args:
+        gm: a graph with FakeQuantizers (``insert_quantizers``).
+        calib_data: an iterable of batches; each batch is the model's inputs (a tensor, or a
+            tuple whose first ``arity`` items are the inputs).
+        arity: the number of positional model inputs.
+        progress: show a tqdm bar (silent when stderr is not a terminal).
+
+    Raises:
+        CalibrationError: empty data, or a batch with NaN/Inf (naming the batch index).
+    """
+    all_quantizers = quantizers(gm)
+    for quantizer in all_quantizers.values():
+        quantizer.observe()
+    was_training = gm.training
+    gm.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(progress_bar(calib_data, "calibrate", progress)):
+                args = model_args(batch, arity)
+                _check_finite(args, index)
+                gm(*args)
+                seen += 1
+    finally:
+        gm.train(was_training)
+    if seen == 0:
+        raise CalibrationError("calib_data yielded no batch; give at least one batch of model inputs")
+    for name, quantizer in all_quantizers.items():
+        if quantizer.observer.batches == 0:
+            raise CalibrationError(
+                f"quantizer {name!r} saw no data during calibration: its layer did not run on "
+                "calib_data (a branch the data never takes?); skip the layer with QuantConfig(skip=...)"
+            )
+        quantizer.finish_calibration()
+    return gm

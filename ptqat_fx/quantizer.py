@@ -1,0 +1,155 @@
+"""The LSQ fake-quantizer: learned step size, straight-through rounding, symmetric ranges.
+
+``FakeQuantizer`` is the one runtime module the passes insert, for weights (per output
+channel) and activations (per tensor). It moves through two modes: ``observe`` (pass the
+input through unchanged and let a ``RangeObserver`` record its range) and ``quantize``
+(fake-quantize with a learnable step size).
+
+The arithmetic is one ``autograd.Function`` rather than a chain of differentiable ops so
+that training keeps only the input for backward (the chain ``x / s -> clamp -> round -> * s``
+would keep three more tensors of the input's size); the clip mask and the step-size
+gradient are recomputed from it. When the step size is frozen, only a one-byte mask is kept.
+The function is pure tensor code with no host synchronisation, so it runs under autocast and
+``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .observer import RangeObserver
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a symmetric quantizer: [-2^(b-1), 2^(b-1)-1] or [0, 2^b-1]."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _broadcast(scale: torch.Tensor, ndim: int, channel_axis: int | None) -> torch.Tensor:
+    if channel_axis is None:
+        return scale.reshape(())
+    shape = [1] * ndim
+    shape[channel_axis] = -1
+    return scale.reshape(shape)
+
+
+class _LSQFunction(torch.autograd.Function):
+    """round(clamp(x / s, qmin, qmax)) * s with the LSQ gradients (Esser et al., 2020)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax, channel_axis, grad_scale):
+        step = _broadcast(scale.float(), x.dim(), channel_axis)
+        scaled = x.float() / step
+        out = (scaled.clamp(qmin, qmax).round() * step).to(x.dtype)
+        ctx.qmin, ctx.qmax, ctx.channel_axis, ctx.grad_scale = qmin, qmax, channel_axis, grad_scale
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, scale)
+        else:
+            ctx.save_for_backward((scaled >= qmin) & (scaled <= qmax))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[1]:
+            (inside,) = ctx.saved_tensors
+            return grad_out * inside, None, None, None, None, None
+        x, scale = ctx.saved_tensors
+        step = _broadcast(scale.float(), x.dim(), ctx.channel_axis)
+        scaled = x.float() / step
+        inside = (scaled >= ctx.qmin) & (scaled <= ctx.qmax)
+        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        # d(out)/d(s) is round(v) - v inside the range and the clip bound outside it.
+        d_step = torch.where(inside, scaled.round() - scaled, scaled.clamp(ctx.qmin, ctx.qmax))
+        per_element = grad_out.float() * d_step
+        if ctx.channel_axis is None:
+            grad_scale = per_element.sum().reshape(scale.shape)
+        else:
+            grad_scale = per_element.transpose(0, ctx.channel_axis).flatten(1).sum(1)
+        return grad_x, (grad_scale * ctx.grad_scale).to(scale.dtype), None, None, None, None
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    channel_axis: int | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with step ``scale`` (one per tensor, or one per slice along
+    ``channel_axis``); the step-size gradient is scaled by ``1 / sqrt(N * qmax)`` with N the
+    number of elements sharing one step, as LSQ prescribes."""
+    per_step = x.numel() // scale.numel()
+    grad_scale = 1.0 / (per_step * max(qmax, 1)) ** 0.5
+    return _LSQFunction.apply(x, scale, qmin, qmax, channel_axis, grad_scale)
+
+
+class FakeQuantizer(nn.Module):
+    """Symmetric uniform fake-quantizer with an LSQ step size.
+
+    Args:
+        bits: 2..8.
+        signed: signed range [-2^(b-1), 2^(b-1)-1], else unsigned [0, 2^b-1]; zero point 0.
+        channel_axis: one step per slice along this axis (weights: 0 for conv/linear, 1 for
+            transposed conv), else one step for the whole tensor.
+        channels: number of steps when ``channel_axis`` is set.
+        observer: how calibration sets the initial step (see ``RangeObserver``).
+        percentile: for the percentile observer.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool = True,
+        channel_axis: int | None = None,
+        channels: int = 1,
+        observer: str = "mse",
+        percentile: float = 99.99,
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.signed = signed
+        self.channel_axis = channel_axis
+        self.qmin, self.qmax = quant_range(bits, signed)
+        self.scale = nn.Parameter(torch.ones(channels if channel_axis is not None else 1))
+        self.mode = "observe"
+        self.observer = RangeObserver(observer, self.qmax, channel_axis, percentile)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observer.update(x)
+            return x
+        return lsq_fake_quantize(x, self.scale, self.qmin, self.qmax, self.channel_axis)
+
+    def observe(self) -> None:
+        """Start (again) collecting ranges; the output is the unquantized input."""
+        self.observer = RangeObserver(
+            self.observer.method, self.qmax, self.channel_axis, self.observer.percentile
+        )
+        self.mode = "observe"
+
+    def finish_calibration(self) -> None:
+        """Set the step size from what the observer saw and start fake-quantizing."""
+        with torch.no_grad():
+            self.scale.copy_(self.observer.scale().to(self.scale.device))
+        self.mode = "quantize"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.mode == "quantize"
+
+    def extra_repr(self) -> str:
+        granularity = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        sign = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {sign}, {granularity}, mode={self.mode}"
+
+
+def quantizers(gm: nn.Module) -> dict[str, FakeQuantizer]:
+    """Every FakeQuantizer of ``gm`` by module path."""
+    return {name: m for name, m in gm.named_modules() if isinstance(m, FakeQuantizer)}
+
+
+def is_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` calls one of ``gm``'s FakeQuantizers."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantizer)

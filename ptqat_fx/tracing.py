@@ -1,0 +1,158 @@
+"""Symbolic tracing with quantization-aware leaves and diagnostics that say what to change.
+
+``trace`` wraps ``torch.fx.Tracer`` with three additions:
+
+* leaves: our ``FakeQuantizer`` and every module the user names (by class or module path)
+  are kept as ``call_module`` nodes;
+* ``autograd.Function.apply`` on traced values becomes one ``call_function`` node that calls
+  the Function at run time, instead of being traced through (FX would inline its forward
+  and silently drop its custom backward);
+* failures become a ``TraceError`` that names the deepest module being traced, the user's
+  source line, and the option that fixes it. ``torch.no_grad()`` inside ``forward`` is such a
+  failure: FX does not record it, so the traced graph would differentiate what eager does not.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .errors import TraceError
+from .quantizer import FakeQuantizer
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+class _NoGradInForward(RuntimeError):
+    pass
+
+
+class QuantTracer(fx.Tracer):
+    """A Tracer that keeps ``FakeQuantizer`` and user-named modules as leaves and remembers
+    the deepest module it was inside when tracing failed."""
+
+    def __init__(self, leaf_modules: Sequence[type | str] = ()) -> None:
+        super().__init__()
+        self.leaf_types = tuple(leaf for leaf in leaf_modules if isinstance(leaf, type))
+        self.leaf_paths = {leaf for leaf in leaf_modules if isinstance(leaf, str)}
+        self.failed_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, FakeQuantizer) or isinstance(m, self.leaf_types):
+            return True
+        if module_qualified_name in self.leaf_paths:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = self.path_of_module(m)
+            raise
+
+
+@functools.lru_cache(maxsize=None)
+def _function_caller(function_class: type) -> Any:
+    """A plain function that applies ``function_class``; it is what the graph node calls."""
+
+    def apply(*args: Any, **kwargs: Any) -> Any:
+        return function_class.apply(*args, **kwargs)
+
+    apply.__name__ = apply.__qualname__ = f"{function_class.__name__}_apply"
+    return apply
+
+
+@contextlib.contextmanager
+def _tracing_patches() -> Iterator[None]:
+    function_type = torch.autograd.function.Function
+    original_apply = function_type.__dict__["apply"]
+    original_enter = torch.no_grad.__enter__
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, fx.Proxy):
+                return leaf.tracer.create_proxy("call_function", _function_caller(cls), args, kwargs)
+        return original_apply.__func__(cls, *args, **kwargs)
+
+    def enter(self: torch.no_grad) -> None:
+        raise _NoGradInForward(
+            "torch.no_grad() inside forward: torch.fx does not record it, so the traced graph "
+            "would compute gradients the eager model does not"
+        )
+
+    function_type.apply = classmethod(apply)
+    torch.no_grad.__enter__ = enter
+    try:
+        yield
+    finally:
+        function_type.apply = original_apply
+        torch.no_grad.__enter__ = original_enter
+
+
+def _user_source_line(error: BaseException) -> str | None:
+    """The deepest traceback frame outside torch and ptqat-fx: the user's line that failed."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if not frame.filename.startswith((_TORCH_DIR, _OWN_DIR)) and "<eval_with_key>" not in frame.filename:
+            return f'{frame.filename}:{frame.lineno}: "{(frame.line or "").strip()}"'
+    return None
+
+
+def _fix_for(error: BaseException, module_path: str | None) -> str:
+    message = str(error)
+    leaf = f"leaf_modules=[{module_path!r}]" if module_path else "leaf_modules=[<module path>]"
+    if isinstance(error, _NoGradInForward):
+        return f"use .detach() on the tensors computed there, or pass {leaf} to run it eagerly"
+    if "item assignment" in message:
+        return f"write the update out of place (torch.cat / torch.where / index_put), or pass {leaf}"
+    if "control flow" in message or "iterated" in message or "interpreted as an integer" in message or "len" in message:
+        return (
+            f"the module branches or loops on tensor values or shapes: pass {leaf}, or fix the "
+            "deciding argument with concrete_args={...}"
+        )
+    return f"pass {leaf}, or wrap the failing function with torch.fx.wrap"
+
+
+def describe_trace_failure(error: BaseException, module_path: str | None) -> str:
+    """The message of a ``TraceError``: what failed, where, and what to do."""
+    where = f"module {module_path!r}" if module_path else "the top-level forward"
+    line = _user_source_line(error)
+    at_line = f" at {line}" if line else ""
+    return (
+        f"torch.fx could not trace {where}{at_line}: {type(error).__name__}: {error}. "
+        f"Fix: {_fix_for(error, module_path)}."
+    )
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a GraphModule that shares its parameters.
+
+    Args:
+        model: the module to trace (trace a copy if it must stay untouched).
+        leaf_modules: module classes or module paths kept as opaque ``call_module`` nodes.
+        concrete_args: forward arguments fixed to constants (``torch.fx.Tracer.trace``).
+
+    Raises:
+        TraceError: naming the deepest failing module, the source line and the fix.
+    """
+    tracer = QuantTracer(leaf_modules)
+    try:
+        with _tracing_patches():
+            graph = tracer.trace(model, concrete_args)
+    except Exception as error:
+        raise TraceError(describe_trace_failure(error, tracer.failed_module)) from error
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
