@@ -1,0 +1,73 @@
+"""RangeObserver step sizes against direct computations on the same data."""
+from __future__ import annotations
+
+import torch
+
+from ptqat_fx.observer import RangeObserver
+
+
+def _brute_force_mse_clip(x: torch.Tensor, qmax: int, candidates: torch.Tensor) -> float:
+    errors = []
+    for clip in candidates:
+        step = clip / qmax
+        errors.append(float((x.abs() - (x.abs() / step).round().clamp(max=qmax) * step).square().sum()))
+    return float(candidates[int(torch.tensor(errors).argmin())])
+
+
+def test_minmax_is_abs_max_over_all_batches():
+    observer = RangeObserver("minmax", 127)
+    for value in (1.0, -3.0, 2.0):
+        observer.update(torch.tensor([0.5, value]))
+    assert torch.allclose(observer.scale(), torch.tensor([3.0 / 127]))
+
+
+def test_percentile_clips_outliers():
+    torch.manual_seed(0)
+    x = torch.randn(100_000)
+    x[0] = 1000.0
+    observer = RangeObserver("percentile", 127, percentile=99.0)
+    observer.update(x)
+    expected = float(torch.quantile(x.abs(), 0.99))
+    # Histogram resolution: 1000 / 2048 per bin.
+    assert abs(float(observer.scale()) * 127 - expected) < 1000 / 2048 + 1e-6
+
+
+def test_mse_matches_brute_force_per_channel():
+    torch.manual_seed(0)
+    w = torch.randn(4, 200) * torch.tensor([[0.1], [1.0], [5.0], [0.01]])
+    observer = RangeObserver("mse", 7, channel_axis=0)
+    observer.update(w)
+    scales = observer.scale()
+    for channel in range(4):
+        top = float(w[channel].abs().max())
+        candidates = torch.linspace(0.01, 1.0, 100) * top
+        expected = _brute_force_mse_clip(w[channel], 7, candidates)
+        assert abs(float(scales[channel]) * 7 - expected) <= 1e-4 * top
+
+
+def test_mse_histogram_is_close_to_brute_force_and_clips_at_4_bits():
+    torch.manual_seed(0)
+    x = torch.randn(50_000)
+    observer = RangeObserver("mse", 7)
+    for chunk in x.split(10_000):
+        observer.update(chunk)
+    top = float(x.abs().max())
+    expected = _brute_force_mse_clip(x, 7, torch.linspace(top / 100, top, 100))
+    assert abs(float(observer.scale()) * 7 - expected) <= 0.05 * top
+    assert float(observer.scale()) * 7 < 0.8 * top
+
+
+def test_histogram_widening_keeps_counts():
+    observer = RangeObserver("percentile", 127, percentile=50.0)
+    observer.update(torch.full((1000,), 0.1))
+    observer.update(torch.full((10,), 10.0))
+    assert float(observer.histogram.sum()) == 1010
+    # The median is still the small value (within one bin of the widened range).
+    assert float(observer.scale()) * 127 <= 0.1 + 10.0 / 2048 + 1e-6
+
+
+def test_lsq_init_formula():
+    x = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    observer = RangeObserver("lsq", 127)
+    observer.update(x)
+    assert abs(float(observer.scale()) - 2 * 2.5 / 127**0.5) < 1e-6
