@@ -1,0 +1,1 @@
+"""Deployment exports of a quantized graph (ONNX Q/DQ) and their verification."""

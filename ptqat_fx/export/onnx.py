@@ -1,0 +1,229 @@
+"""Export a calibrated fake-quant graph to ONNX with QuantizeLinear/DequantizeLinear.
+
+torch's ONNX exporters refuse 4-bit ranges (and know nothing of our LSQ quantizer), so the
+quantizers are exported as markers and lowered here:
+
+1. every quantizer node of a copy of the graph becomes ``torch.ops.ptqat_fx.qdq(x, index)``,
+   a custom op whose ONNX translation is a ``ptqat_fx::QDQ(index)`` node; ``index`` points
+   into a table of what that quantizer stores (``IntegerWeight`` from ``convert`` for
+   weights, the step and range for activations);
+2. ``torch.onnx.export(dynamo=True)`` exports the float graph around the markers;
+3. a post-pass on the ONNX graph replaces each marker: a weight marker by an INT8 (or INT4)
+   initializer -> per-channel ``DequantizeLinear`` on the weight's own layout (``axis`` 0
+   for conv and linear weights, 1 for transposed conv), so whatever the exporter did with
+   the weight afterwards (``Gemm transB``, a ``Transpose``) still sees the same values; an
+   activation marker by ``QuantizeLinear -> DequantizeLinear`` with a scalar scale and zero
+   point 0 (INT8, or UINT8 for unsigned ranges).
+
+The marker is the only contract with the exporter (a custom op with a translation table),
+which holds from torch 2.6 on. The result passes ``onnx.checker.check_model(full_check=True)``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxscript
+import torch
+from onnx import TensorProto, defs, helper, numpy_helper
+from torch import fx
+
+from ..errors import InputError
+from ..passes.convert import IntegerWeight, integer_weight, require_calibrated
+from ..quantizer import FakeQuantizer, is_quantizer_node
+
+DOMAIN = "ptqat_fx"
+DEFAULT_OPSET = 21
+INT4_OPSET = 21
+# Per-axis DequantizeLinear arrived in opset 13.
+MIN_OPSET = 13
+
+if not defs.has("QDQ", DOMAIN):
+    defs.register_schema(
+        defs.OpSchema(
+            "QDQ", DOMAIN, 1,
+            doc="ptqat-fx export marker for one quantizer; replaced before the model is saved",
+            inputs=[defs.OpSchema.FormalParameter("x", "T")],
+            outputs=[defs.OpSchema.FormalParameter("y", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float")],
+            attributes=[defs.OpSchema.Attribute("index", defs.OpSchema.AttrType.INT, "table index")],
+        )
+    )
+
+
+@torch.library.custom_op("ptqat_fx::qdq", mutates_args=())
+def _qdq_marker(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Stands for quantizer ``index`` during ONNX export only; its values are never used."""
+    return x.clone()
+
+
+@_qdq_marker.register_fake
+def _(x: torch.Tensor, index: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_MARKER_OPSET = onnxscript.values.Opset(DOMAIN, 1)
+
+
+def _translate_marker(x, index: int):
+    return _MARKER_OPSET.QDQ(x, index=index)
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """What an activation marker lowers to: Q/DQ with ``scale`` and zero point 0."""
+
+    path: str
+    scale: float
+    bits: int
+    signed: bool
+
+
+def _onnx_type(bits: int, signed: bool) -> int:
+    if bits <= 4:
+        return TensorProto.INT4 if signed else TensorProto.UINT4
+    return TensorProto.INT8 if signed else TensorProto.UINT8
+
+
+def _check_opset(table: list[IntegerWeight | ActivationQuant], opset: int) -> None:
+    if opset < MIN_OPSET:
+        raise InputError(f"opset={opset}: per-channel DequantizeLinear needs opset >= {MIN_OPSET}")
+    for entry in table:
+        if isinstance(entry, ActivationQuant) and entry.bits not in (4, 8):
+            raise InputError(
+                f"activation quantizer {entry.path!r} has {entry.bits} bits; ONNX Q/DQ export "
+                "supports 8-bit (and 4-bit) activations; quantize with a_bits=8"
+            )
+        if entry.bits <= 4 and opset < INT4_OPSET:
+            raise InputError(
+                f"opset={opset} cannot hold {entry.path!r} ({entry.bits} bits): INT4 "
+                f"QuantizeLinear/DequantizeLinear need opset >= {INT4_OPSET}; pass opset={INT4_OPSET} "
+                "(or None)"
+            )
+
+
+def marker_graph(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[IntegerWeight | ActivationQuant]]:
+    """A copy of ``qmodel`` whose quantizers are ``torch.ops.ptqat_fx.qdq`` markers, and the
+    table the markers' indices point into."""
+    require_calibrated(qmodel)
+    gm = copy.deepcopy(qmodel)
+    table: list[IntegerWeight | ActivationQuant] = []
+    for node in list(gm.graph.nodes):
+        entry: IntegerWeight | ActivationQuant | None = integer_weight(gm, node)
+        if entry is None and is_quantizer_node(gm, node):
+            quantizer: FakeQuantizer = gm.get_submodule(node.target)
+            entry = ActivationQuant(node.target, float(quantizer.scale.detach().reshape(())), quantizer.bits, quantizer.signed)
+        if entry is None:
+            continue
+        with gm.graph.inserting_before(node):
+            marker = gm.graph.call_function(torch.ops.ptqat_fx.qdq.default, (node.args[0], len(table)))
+        table.append(entry)
+        node.replace_all_uses_with(marker)
+        gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm.eval(), table
+
+
+class _MarkerLowering:
+    """Rewrites the marker nodes of an exported ModelProto into Q/DQ."""
+
+    def __init__(self, model: onnx.ModelProto, table: list[IntegerWeight | ActivationQuant]) -> None:
+        self.model = model
+        self.table = table
+        self.added: set[str] = set()
+
+    def _initializer(self, name: str, make) -> str:
+        if name not in self.added:
+            self.model.graph.initializer.append(make())
+            self.added.add(name)
+        return name
+
+    def _weight(self, entry: IntegerWeight, source: str, output: str) -> list[onnx.NodeProto]:
+        data_type = _onnx_type(entry.bits, signed=True)
+        values = entry.values.numpy()
+        count = entry.scale.numel()
+        inputs = [
+            self._initializer(f"{entry.path}_quantized", lambda: helper.make_tensor(
+                f"{entry.path}_quantized", data_type, values.shape, values.flatten().tolist())),
+            self._initializer(f"{entry.path}_scale", lambda: numpy_helper.from_array(
+                entry.scale.numpy().reshape([count] if entry.axis is not None else []), f"{entry.path}_scale")),
+            self._initializer(f"{entry.path}_zero_point", lambda: helper.make_tensor(
+                f"{entry.path}_zero_point", data_type, [count] if entry.axis is not None else [], [0] * count)),
+        ]
+        attributes = {"axis": entry.axis} if entry.axis is not None else {}
+        return [helper.make_node("DequantizeLinear", inputs, [output], name=f"{entry.path}_dequantize", **attributes)]
+
+    def _activation(self, entry: ActivationQuant, source: str, output: str) -> list[onnx.NodeProto]:
+        data_type = _onnx_type(entry.bits, entry.signed)
+        scale = self._initializer(f"{entry.path}.scale", lambda: numpy_helper.from_array(
+            np.array(entry.scale, dtype=np.float32), f"{entry.path}.scale"))
+        zero_point = self._initializer(f"{entry.path}.zero_point", lambda: helper.make_tensor(
+            f"{entry.path}.zero_point", data_type, [], [0]))
+        quantized = f"{output}_quantized"
+        return [
+            helper.make_node("QuantizeLinear", [source, scale, zero_point], [quantized], name=f"{output}_quantize"),
+            helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [output], name=f"{output}_dequantize"),
+        ]
+
+    def run(self) -> onnx.ModelProto:
+        graph = self.model.graph
+        nodes = []
+        for node in graph.node:
+            if node.domain != DOMAIN:
+                nodes.append(node)
+                continue
+            entry = self.table[helper.get_attribute_value(node.attribute[0])]
+            lower = self._weight if isinstance(entry, IntegerWeight) else self._activation
+            nodes.extend(lower(entry, node.input[0], node.output[0]))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        kept = [init for init in graph.initializer if init.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        imports = [entry for entry in self.model.opset_import if entry.domain != DOMAIN]
+        del self.model.opset_import[:]
+        self.model.opset_import.extend(imports)
+        return self.model
+
+
+def export_onnx(
+    qmodel: fx.GraphModule,
+    example_inputs: tuple,
+    path: str | os.PathLike,
+    opset: int | None = None,
+) -> onnx.ModelProto:
+    """Write ``qmodel`` (calibrated fake-quant, exported in eval mode) to ``path`` as a Q/DQ
+    ONNX model, checked with ``onnx.checker.check_model(full_check=True)``; returns it.
+
+    Weights become INT8 initializers (INT4 for weights of 4 bits or fewer, which needs
+    ``opset >= 21``) with a per-channel DequantizeLinear; activations a QuantizeLinear ->
+    DequantizeLinear pair. ``opset`` defaults to 21.
+
+    Raises:
+        CalibrationError: a quantizer was never calibrated.
+        InputError: ``opset`` too old for the model's bit widths (the message names it), or
+            activations of a bit width ONNX Q/DQ cannot express.
+    """
+    opset = DEFAULT_OPSET if opset is None else opset
+    if not isinstance(example_inputs, tuple):
+        raise InputError(f"example_inputs must be a tuple of the model's inputs, got {type(example_inputs).__name__}")
+    gm, table = marker_graph(qmodel)
+    _check_opset(table, opset)
+    program = torch.onnx.export(
+        gm,
+        example_inputs,
+        dynamo=True,
+        opset_version=opset,
+        custom_translation_table={torch.ops.ptqat_fx.qdq.default: _translate_marker},
+        verbose=False,
+    )
+    model = _MarkerLowering(program.model_proto, table).run()
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, os.fspath(path))
+    return model

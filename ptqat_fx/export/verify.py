@@ -1,0 +1,86 @@
+"""Check an exported ONNX model against the PyTorch model it came from, in onnxruntime (CPU)
+and in ``onnx.reference``.
+
+onnxruntime's default graph optimizations change Q/DQ numerics, so sessions here disable:
+
+* ``ReluQuantRewrite``: drops a ReLU that precedes a QuantizeLinear with zero point 0,
+  assuming the quantizer clips negatives; a signed (or INT4) quantizer does not, so outputs
+  move by up to ~8e-2;
+* ``WeightBiasQuantization``: quantizes float biases of Q/DQ convs to int32 with its own
+  scale, which the fake-quant model never did;
+* ``MatMulAddFusion``: on 3-D MatMul + Add (transformer linears) it inserts Q/DQ around a
+  Reshape after ``QDQS8ToU8Transformer`` turned INT8 into UINT8, and the session fails to
+  load (``output_dtype INT8 does not match y_zero_point type UINT8``, onnxruntime 1.32).
+
+Agreement is not bit-identical: the runtimes accumulate convolutions and matmuls in another
+order, and where an activation lands within float rounding of a .5 boundary the two round
+differently; such a flip moves the outputs it reaches by a few output steps. ``agreement``
+reports both the largest error and the share of outputs that differ at all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx.reference import ReferenceEvaluator
+from torch import nn
+
+ORT_DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "WeightBiasQuantization", "MatMulAddFusion")
+RUNTIMES = ("onnxruntime", "reference")
+# Outputs closer than this are counted as agreeing (float32 accumulation-order noise).
+EXACT_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How one runtime's outputs compare with the PyTorch model's.
+
+    Attributes:
+        max_abs_error: largest |onnx - torch| over all outputs.
+        mismatched_fraction: share of output elements differing by more than ``EXACT_ATOL``
+            (rounding flips; see the module docstring).
+    """
+
+    max_abs_error: float
+    mismatched_fraction: float
+
+
+def onnxruntime_session(path: str | os.PathLike) -> onnxruntime.InferenceSession:
+    """A CPU session for ``path`` with the optimizations that break Q/DQ numerics disabled."""
+    return onnxruntime.InferenceSession(
+        os.fspath(path), providers=["CPUExecutionProvider"], disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS)
+    )
+
+
+def run_onnx(path: str | os.PathLike, inputs: tuple[torch.Tensor, ...], runtime: str) -> list[np.ndarray]:
+    """The outputs of the ONNX model at ``path`` on ``inputs``, in ``runtime`` (one of
+    ``RUNTIMES``)."""
+    feeds_of = lambda names: dict(zip(names, (t.detach().cpu().numpy() for t in inputs)))
+    if runtime == "onnxruntime":
+        session = onnxruntime_session(path)
+        return session.run(None, feeds_of([i.name for i in session.get_inputs()]))
+    if runtime == "reference":
+        model = onnx.load(os.fspath(path))
+        return ReferenceEvaluator(model).run(None, feeds_of([i.name for i in model.graph.input]))
+    raise ValueError(f"runtime={runtime!r}: choose one of {RUNTIMES}")
+
+
+def agreement(
+    path: str | os.PathLike, model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> dict[str, Agreement]:
+    """Run the ONNX model at ``path`` in every runtime and ``model`` (eval, no grad) on
+    ``inputs``; returns runtime name -> ``Agreement``."""
+    with torch.no_grad():
+        expected = model.eval()(*inputs)
+    expected = [t.cpu().numpy() for t in (expected if isinstance(expected, (tuple, list)) else (expected,))]
+    result = {}
+    for runtime in RUNTIMES:
+        errors = np.concatenate(
+            [np.abs(got - want).ravel() for got, want in zip(run_onnx(path, inputs, runtime), expected)]
+        )
+        result[runtime] = Agreement(float(errors.max()), float((errors > EXACT_ATOL).mean()))
+    return result

@@ -1,0 +1,222 @@
+"""Lower a fake-quant graph to stored integer weights and explicit quantize/dequantize ops.
+
+Every weight fake-quant becomes an integer buffer (int8, whatever the bit width; 4-bit
+weights optionally packed two per byte) and a per-channel scale, dequantized in the graph::
+
+    fc1.weight -> fc1.weight_fake_quant -> F.linear
+        becomes   fc1.weight_int (int8) * fc1.weight_scale -> F.linear
+
+and every activation fake-quant becomes explicit quantize -> dequantize with its fixed scale::
+
+    q = round(clamp(x / s, qmin, qmax)).to(int8)      # uint8 for unsigned ranges
+    y = q * s
+
+Only plain torch ops appear, so the result runs eagerly, under ``torch.compile`` and under
+``torch.export``; its ``state_dict`` (integer weights, scales, biases, the remaining float
+parameters) is the deployable artefact. The arithmetic is the fake-quantizer's, op for op,
+so in float32 the converted model reproduces the fake-quant model in eval mode.
+
+``integer_weight`` and ``require_calibrated`` are shared with the ONNX exporter, so both
+lowerings store the same integers.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from ..errors import CalibrationError
+from ..quantizer import FakeQuantizer, is_quantizer_node, quantizers
+
+CONVERT_KEY = "ptqat_convert"
+
+
+@dataclass(frozen=True)
+class IntegerWeight:
+    """A quantized weight: ``values * scale`` (scale broadcast along ``axis``) is the weight
+    the fake-quant model computes with.
+
+    Attributes:
+        path: attribute path of the float weight (``fc1.weight``).
+        values: int8 tensor of the weight's shape, inside ``[-2^(bits-1), 2^(bits-1)-1]``.
+        scale: float32 steps, shape ``[C]`` (``[1]`` for a per-tensor weight).
+        axis: the channel axis of ``scale``, None for per-tensor.
+        bits: the quantizer's bit width.
+    """
+
+    path: str
+    values: torch.Tensor
+    scale: torch.Tensor
+    axis: int | None
+    bits: int
+
+    def broadcast_scale(self) -> torch.Tensor:
+        """``scale`` shaped to multiply ``values`` directly."""
+        if self.axis is None:
+            return self.scale.reshape(())
+        shape = [1] * self.values.dim()
+        shape[self.axis] = -1
+        return self.scale.reshape(shape)
+
+
+def require_calibrated(gm: fx.GraphModule) -> None:
+    """Raise CalibrationError naming the first quantizer of ``gm`` still in observe mode."""
+    for name, quantizer in quantizers(gm).items():
+        if not quantizer.calibrated:
+            raise CalibrationError(
+                f"quantizer {name!r} was never calibrated (mode 'observe'), so it has no scale "
+                "to lower; run ptqat_fx.quantize(..., calib_data) or passes.calibrate first"
+            )
+
+
+def integer_weight(gm: fx.GraphModule, node: fx.Node) -> IntegerWeight | None:
+    """The integer form of the weight that ``node`` computes, or None when ``node`` is not a
+    quantized weight.
+
+    Recognised: a weight ``FakeQuantizer`` applied to a ``get_attr`` (the form
+    ``insert_quantizers`` builds).
+    """
+    if not (is_quantizer_node(gm, node) and node.args[0].op == "get_attr"):
+        return None
+    quantizer: FakeQuantizer = gm.get_submodule(node.target)
+    path = node.args[0].target
+    weight = _fetch(gm, path).detach()
+    scale = quantizer.scale.detach().float()
+    result = IntegerWeight(path, weight, scale, quantizer.channel_axis, quantizer.bits)
+    values = (weight.float() / result.broadcast_scale()).clamp(quantizer.qmin, quantizer.qmax).round()
+    return IntegerWeight(path, values.to(torch.int8), scale, quantizer.channel_axis, quantizer.bits)
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit values per byte (element 2i in the low nibble), flattened; an odd
+    count is padded with a zero."""
+    flat = values.flatten().to(torch.uint8) & 0xF
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``pack_int4``: the int8 tensor of ``shape``."""
+    nibbles = torch.stack([packed & 0xF, packed >> 4], -1).flatten().to(torch.int8)
+    count = 1
+    for size in shape:
+        count *= size
+    return ((nibbles ^ 8) - 8)[:count].reshape(shape)
+
+
+def _fetch(gm: nn.Module, path: str) -> torch.Tensor:
+    owner, _, leaf = path.rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf)
+
+
+def _set_buffer(gm: nn.Module, path: str, value: torch.Tensor) -> None:
+    owner, _, leaf = path.rpartition(".")
+    gm.get_submodule(owner).register_buffer(leaf, value)
+
+
+class _Lowering:
+    def __init__(self, gm: fx.GraphModule, pack: bool) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.pack = pack
+        self.stored: set[str] = set()
+        self.float_weights: set[str] = set()
+
+    def weight(self, node: fx.Node, weight: IntegerWeight) -> fx.Node:
+        graph = self.graph
+        packed = self.pack and weight.bits <= 4
+        values_path = f"{weight.path}_int4x2" if packed else f"{weight.path}_int"
+        scale_path = f"{weight.path}_scale"
+        if weight.path not in self.stored:
+            stored = pack_int4(weight.values) if packed else weight.values
+            _set_buffer(self.gm, values_path, stored)
+            _set_buffer(self.gm, scale_path, weight.broadcast_scale().clone())
+            self.stored.add(weight.path)
+            self.float_weights.add(weight.path)
+        with graph.inserting_before(node):
+            values = graph.get_attr(values_path)
+            if packed:
+                values = self._unpack(values, tuple(weight.values.shape))
+            dequantized = graph.call_function(torch.mul, (values, graph.get_attr(scale_path)))
+        dequantized.meta[CONVERT_KEY] = {"weight": weight.path, "bits": weight.bits, "packed": packed}
+        return dequantized
+
+    def _unpack(self, packed: fx.Node, shape: tuple[int, ...]) -> fx.Node:
+        graph = self.graph
+        low = graph.call_function(torch.bitwise_and, (packed, 0xF))
+        high = graph.call_function(torch.bitwise_right_shift, (packed, 4))
+        pairs = graph.call_function(torch.stack, ([low, high], -1))
+        nibbles = graph.call_method("to", (graph.call_function(torch.flatten, (pairs,)), torch.int8))
+        signed = graph.call_function(torch.sub, (graph.call_function(torch.bitwise_xor, (nibbles, 8)), 8))
+        count = 1
+        for size in shape:
+            count *= size
+        return graph.call_method("reshape", (graph.call_function(torch.narrow, (signed, 0, 0, count)), shape))
+
+    def activation(self, node: fx.Node, quantizer: FakeQuantizer) -> fx.Node:
+        graph = self.graph
+        scale_path = f"{node.target}.scale"
+        if node.target not in self.stored:
+            holder = nn.Module()
+            holder.register_buffer("scale", quantizer.scale.detach().float().reshape(()).clone())
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(self.gm.get_submodule(parent), leaf, holder)
+            self.stored.add(node.target)
+        integer = torch.int8 if quantizer.signed else torch.uint8
+        with graph.inserting_before(node):
+            scale = graph.get_attr(scale_path)
+            scaled = graph.call_function(torch.div, (node.args[0], scale))
+            clamped = graph.call_function(torch.clamp, (scaled, quantizer.qmin, quantizer.qmax))
+            quantized = graph.call_method("to", (graph.call_function(torch.round, (clamped,)), integer))
+            dequantized = graph.call_function(torch.mul, (quantized, scale))
+        dequantized.meta[CONVERT_KEY] = {"activation": node.target, "bits": quantizer.bits, "signed": quantizer.signed}
+        return dequantized
+
+
+def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.GraphModule:
+    """Return a copy of the calibrated fake-quant ``qmodel`` with integer weights and
+    explicit quantize/dequantize ops (see the module docstring); ``qmodel`` is unchanged.
+
+    Args:
+        qmodel: a graph from ``ptqat_fx.quantize`` (fine-tuned or not).
+        pack_int4_weights: store weights of 4 bits or fewer two per byte (uint8,
+            ``<weight>_int4x2``), unpacked in the graph; else one int8 per weight.
+
+    The float weights that were quantized are removed; the result is in eval mode. Each
+    dequantize node records what it lowered in ``node.meta["ptqat_convert"]``.
+
+    Raises:
+        CalibrationError: a quantizer was never calibrated.
+    """
+    require_calibrated(qmodel)
+    gm = copy.deepcopy(qmodel)
+    lowering = _Lowering(gm, pack_int4_weights)
+    for node in list(gm.graph.nodes):
+        weight = integer_weight(gm, node)
+        if weight is not None:
+            replacement = lowering.weight(node, weight)
+        elif is_quantizer_node(gm, node):
+            replacement = lowering.activation(node, gm.get_submodule(node.target))
+        else:
+            continue
+        source = node.args[0]
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+        if source.op == "get_attr" and not source.users:
+            gm.graph.erase_node(source)
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for path in lowering.float_weights - used:
+        owner, _, leaf = path.rpartition(".")
+        delattr(gm.get_submodule(owner), leaf)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm.eval()
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s state_dict tensors: the size of the deployable artefact."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
