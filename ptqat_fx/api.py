@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .attention import unfuse_attention
 from .config import QuantConfig
+from .coverage import coverage
 from .errors import InputError
 from .passes.annotate import annotate
 from .passes.calibrate import calibrate
 from .passes.fold_bn import fold_bn
 from .passes.insert_quantizers import insert_quantizers
+from .passes.quantize_joins import quantize_joins
+from .passes.quantize_leaves import quantize_leaves
 from .tracing import trace
 
 
@@ -46,6 +51,7 @@ def quantize(
     *,
     leaf_modules: Sequence[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    strict: bool = False,
     progress: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` and return a calibrated fake-quant ``GraphModule``.
@@ -62,7 +68,11 @@ def quantize(
             ``len(example_inputs)`` items are the inputs (labels after them are ignored).
         config: bits, observers, skipped layers; ``QuantConfig()`` (W4A8) by default.
         leaf_modules: module classes or paths kept opaque by the tracer.
-        concrete_args: forward arguments fixed at trace time.
+        concrete_args: forward arguments fixed at trace time. Example inputs holding dicts or
+            lists of tensors are traced through, and non-tensor ones fixed, without it.
+        strict: raise ``TraceError`` where a module does not trace, instead of running it as
+            an automatic leaf whose Conv/Linear layers are quantized at module level
+            (``gm.meta["ptqat_auto_leaves"]``; ``coverage(gm)`` lists them).
         progress: show progress bars.
 
     Returns:
@@ -74,12 +84,24 @@ def quantize(
     config = config or QuantConfig()
     working_copy = copy.deepcopy(model)
     _check_example_inputs(working_copy, example_inputs)
-    gm = trace(working_copy, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    unfuse_attention(working_copy)
+    gm = trace(
+        working_copy, leaf_modules=leaf_modules, concrete_args=concrete_args,
+        example_inputs=example_inputs, auto_leaf=not strict,
+    )
     gm.meta["ptqat_config"] = config
     if config.fold_bn:
         gm = fold_bn(gm)
     gm = annotate(gm, config)
     gm = insert_quantizers(gm, config)
+    gm = quantize_leaves(gm, config, example_inputs)
+    if config.share_join_quantizers:
+        gm = quantize_joins(gm, config, example_inputs)
+    if not coverage(gm).layers:
+        warnings.warn(
+            f"{type(model).__name__} has no quantizable layer (conv, linear, matmul): the returned "
+            "model computes in float; nothing for quantization to do", stacklevel=2,
+        )
     gm = calibrate(gm, calib_data if calib_data is not None else [example_inputs], len(example_inputs), progress=progress)
     gm.train(model.training)
     return gm

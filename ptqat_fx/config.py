@@ -43,6 +43,10 @@ class QuantConfig:
         unsigned_activations: use the unsigned range for provably non-negative inputs. Off by
             default because TensorRT's explicit quantization takes signed INT8 only.
         fold_bn: fold BatchNorm into the preceding convolution, as deploy engines do.
+        share_join_quantizers: give every add and concat of activations one input quantizer
+            shared by all its inputs (``passes.quantize_joins``): TensorRT concatenates in
+            INT8 without a reformat only when the inputs share one scale, and fuses a
+            residual add into the preceding conv when the other input is INT8.
     """
 
     w_bits: int = 4
@@ -55,6 +59,7 @@ class QuantConfig:
     last_layer_bits: int | None = None
     unsigned_activations: bool = False
     fold_bn: bool = True
+    share_join_quantizers: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.w_bits)

@@ -10,14 +10,23 @@
 * failures become a ``TraceError`` that names the deepest module being traced, the user's
   source line, and the option that fixes it. ``torch.no_grad()`` inside ``forward`` is such a
   failure: FX does not record it, so the traced graph would differentiate what eager does not.
+
+Given ``example_inputs``, dicts, lists and other nested structures of tensors are traced
+through (each tensor becomes a placeholder, the structure is rebuilt around them, so
+``for meta in img_metas`` runs on a real list) and non-tensor arguments are fixed as
+constants. With ``auto_leaf=True`` a failure does not end tracing: the deepest failing module
+becomes a leaf that runs eagerly (recorded as an ``AutoLeaf`` in ``gm.meta["ptqat_auto_leaves"]``)
+and tracing starts again, until the rest of the model traces.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import inspect
 import traceback
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +38,26 @@ from .quantizer import FakeQuantizer
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
+AUTO_LEAVES_KEY = "ptqat_auto_leaves"
+
+
+@dataclass
+class AutoLeaf:
+    """A module torch.fx could not trace, kept as a leaf that runs eagerly.
+
+    Attributes:
+        path: its module path in the traced GraphModule (``""``: the whole model).
+        error: the exception tracing raised, as ``Type: message``.
+        line: the user's source line that raised it, if known.
+        quantized: paths of the layers inside it that got module-level quantizers.
+        float_layers: paths of the quantizable layers inside it left in float, with why.
+    """
+
+    path: str
+    error: str
+    line: str | None
+    quantized: list[str] = field(default_factory=list)
+    float_layers: list[str] = field(default_factory=list)
 
 
 class _NoGradInForward(RuntimeError):
@@ -133,26 +162,103 @@ def describe_trace_failure(error: BaseException, module_path: str | None) -> str
     )
 
 
+class _EagerModel(nn.Module):
+    """The whole model as one leaf, for a model whose own ``forward`` cannot be traced."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def structured_concrete_args(
+    model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``concrete_args`` that trace through the structure of the example inputs.
+
+    A tensor argument stays a plain placeholder. An argument holding tensors inside dicts,
+    lists or tuples maps to that structure with ``torch.fx.PH`` for each tensor, so FX makes
+    one placeholder per tensor and the GraphModule still takes the nested structure. Any
+    other value (int, str, None, config objects) is fixed as a constant.
+    """
+    bound = inspect.signature(model.forward).bind_partial(*example_inputs, **(example_kwargs or {}))
+    concrete: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        parameter = inspect.signature(model.forward).parameters[name]
+        if isinstance(value, torch.Tensor) or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        concrete[name] = pytree.tree_map(lambda v: fx.PH if isinstance(v, torch.Tensor) else v, value)
+    return concrete
+
+
+class _Failure(Exception):
+    """Tracing failed inside ``module_path`` (None: in no module's forward) with ``error``."""
+
+    def __init__(self, module_path: str | None, error: Exception) -> None:
+        super().__init__(module_path, error)
+        self.module_path = module_path
+        self.error = error
+
+    def trace_error(self) -> TraceError:
+        return TraceError(describe_trace_failure(self.error, self.module_path))
+
+    def auto_leaf(self, path: str) -> AutoLeaf:
+        return AutoLeaf(path, f"{type(self.error).__name__}: {self.error}", _user_source_line(self.error))
+
+
+def _trace_once(model: nn.Module, leaves: Sequence[type | str], concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    tracer = QuantTracer(leaves)
+    try:
+        with _tracing_patches():
+            graph = tracer.trace(model, concrete_args)
+    except Exception as error:
+        raise _Failure(tracer.failed_module, error) from error
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def trace(
     model: nn.Module,
     *,
     leaf_modules: Sequence[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    auto_leaf: bool = False,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into a GraphModule that shares its parameters.
 
     Args:
         model: the module to trace (trace a copy if it must stay untouched).
         leaf_modules: module classes or module paths kept as opaque ``call_module`` nodes.
-        concrete_args: forward arguments fixed to constants (``torch.fx.Tracer.trace``).
+        concrete_args: forward arguments fixed to constants (``torch.fx.Tracer.trace``);
+            they take precedence over what ``example_inputs`` implies.
+        example_inputs / example_kwargs: the model's inputs; nested structures of tensors
+            among them are traced through, non-tensor values fixed (``structured_concrete_args``).
+        auto_leaf: on failure make the deepest failing module a leaf and trace again; every
+            such module is listed in ``gm.meta["ptqat_auto_leaves"]``. A model whose own
+            forward fails becomes one leaf under the path ``model``.
 
     Raises:
-        TraceError: naming the deepest failing module, the source line and the fix.
+        TraceError: naming the deepest failing module, the source line and the fix; with
+            ``auto_leaf`` only if a module the user named a leaf still fails.
     """
-    tracer = QuantTracer(leaf_modules)
-    try:
-        with _tracing_patches():
-            graph = tracer.trace(model, concrete_args)
-    except Exception as error:
-        raise TraceError(describe_trace_failure(error, tracer.failed_module)) from error
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    concrete = {**structured_concrete_args(model, example_inputs, example_kwargs), **(concrete_args or {})}
+    leaves = list(leaf_modules)
+    auto_leaves: list[AutoLeaf] = []
+    while True:
+        try:
+            gm = _trace_once(model, leaves, concrete or None)
+            break
+        except _Failure as failure:
+            if not auto_leaf or failure.module_path in leaves:
+                raise failure.trace_error() from failure.error
+            if failure.module_path is None:
+                auto_leaves.append(failure.auto_leaf("model"))
+                gm = _trace_once(_EagerModel(model), ["model"], None)
+                break
+            auto_leaves.append(failure.auto_leaf(failure.module_path))
+            leaves.append(failure.module_path)
+    gm.meta[AUTO_LEAVES_KEY] = auto_leaves
+    return gm

@@ -1,0 +1,79 @@
+"""How much of a quantized model is quantized, and what was traced: ``coverage(gm)``.
+
+Counts the quantizable layers a user would count: every Conv/Linear module of the model
+(whether the graph calls it, a leaf runs it, or a wrapped function uses its weight), plus the
+functional layers and activation matmuls of the graph. A layer module is quantized when it
+holds a weight ``FakeQuantizer`` (``<path>.weight_fake_quant``, from the graph rewrite or a
+leaf's module-level quantization). Matmuls inside leaf modules run eagerly and are invisible
+to the graph: they are neither counted nor quantized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from .layer_spec import layer_specs
+from .passes.annotate import MODULE_KINDS
+from .quantizer import FakeQuantizer
+from .tracing import AUTO_LEAVES_KEY, AutoLeaf
+
+
+@dataclass
+class Coverage:
+    """Quantizable layers of a quantized GraphModule and how many got quantizers.
+
+    Attributes:
+        layers: quantizable layers found.
+        quantized: those with quantizers.
+        float_layers: paths of the ones left in float.
+        auto_leaves: modules that did not trace and run eagerly (``trace(auto_leaf=True)``).
+    """
+
+    layers: int
+    quantized: int
+    float_layers: list[str] = field(default_factory=list)
+    auto_leaves: list[AutoLeaf] = field(default_factory=list)
+
+    @property
+    def traced_whole(self) -> bool:
+        return not self.auto_leaves
+
+    @property
+    def share(self) -> float:
+        """Quantized share of the quantizable layers (1.0 when there are none)."""
+        return self.quantized / self.layers if self.layers else 1.0
+
+    def __str__(self) -> str:
+        if not self.layers:
+            return "no quantizable layer (conv, linear, matmul) found: the model runs in float"
+        lines = [
+            f"quantized {self.quantized}/{self.layers} quantizable layers ({self.share:.0%}); "
+            + ("traced whole" if self.traced_whole else f"{len(self.auto_leaves)} auto-leaves")
+        ]
+        for leaf in self.auto_leaves:
+            lines.append(f"auto-leaf {leaf.path!r}: {leaf.error}" + (f" at {leaf.line}" if leaf.line else ""))
+            lines.append(f"  quantized inside: {', '.join(leaf.quantized) or 'none'}")
+            if leaf.float_layers:
+                lines.append(f"  left in float: {', '.join(leaf.float_layers)}")
+        if self.float_layers:
+            lines.append(f"left in float: {', '.join(self.float_layers)}")
+        return "\n".join(lines)
+
+
+def coverage(gm: fx.GraphModule) -> Coverage:
+    """The ``Coverage`` of a GraphModule returned by ``quantize``."""
+    modules = [(path, m) for path, m in gm.named_modules() if isinstance(m, tuple(MODULE_KINDS))]
+    float_modules = [path for path, m in modules if not isinstance(getattr(m, "weight_fake_quant", None), FakeQuantizer)]
+    module_paths = {path for path, _ in modules}
+    graph_only = [
+        spec for spec in layer_specs(gm)
+        if spec.module_path is None and (spec.weight is None or spec.weight.rpartition(".")[0] not in module_paths)
+    ]
+    layers = len(modules) + len(graph_only)
+    return Coverage(layers, layers - len(float_modules), float_modules, list(gm.meta.get(AUTO_LEAVES_KEY, [])))
+
+
+def has_layer_modules(model: nn.Module) -> bool:
+    """Whether ``model`` holds any Conv/Linear module."""
+    return any(isinstance(m, tuple(MODULE_KINDS)) for m in model.modules())
