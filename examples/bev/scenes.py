@@ -1,0 +1,191 @@
+"""Seeded procedural driving scenes, ray-cast into the six-camera rig, with detection targets.
+
+Sample ``i`` of ``SceneDataset(seed)`` is a pure function of ``seed + i``: the scene (cars,
+pedestrians and cones on the ground plane plus unlabelled poles and walls, ego and object motion
+between two frames 0.5 s apart) is drawn with a CPU ``torch.Generator``, then both frames are
+rendered by vectorised ray casting (ground plane + oriented-box slab test) on any device, which
+gives images, per-pixel depth and instance ids. Labels keep only objects inside the range that
+cover at least ``MIN_PIXELS`` pixels of the current frame (nuScenes keeps boxes with lidar hits).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from examples.bev import rig
+
+MAX_BOXES = 32
+MIN_PIXELS = 6
+# length, width, height (m) per class; pedestrians and cones are square in plan.
+CLASS_SIZES = torch.tensor([[4.5, 1.9, 1.6], [0.7, 0.7, 1.75], [0.4, 0.4, 0.8]])
+CLASS_SPEEDS = (8.0, 1.5, 0.0)
+CLASS_WEIGHTS = torch.tensor([0.5, 0.25, 0.25])
+BOX_FIELDS = ("x", "y", "z", "w", "l", "h", "yaw", "vx", "vy")
+
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def sample_scene(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Draw one scene: boxes [K, 9] (BOX_FIELDS, current ego frame), labels [K] (-1 = distractor), colours."""
+    count = int(torch.poisson(torch.tensor(18.0), generator=gen).clamp(4, MAX_BOXES))
+    classes = torch.multinomial(CLASS_WEIGHTS, count, replacement=True, generator=gen)
+    n_distract = int(torch.randint(2, 7, (1,), generator=gen))
+    kept: list[list[float]] = []
+    labels: list[int] = []
+    for k in range(count + n_distract):
+        cls = int(classes[k]) if k < count else -1
+        if cls >= 0:
+            length, width, height = (CLASS_SIZES[cls] * _uniform(gen, 3, 0.9, 1.1)).tolist()
+        else:  # pole or wall segment: never labelled, only in the way
+            length, width, height = _uniform(gen, 1, 0.3, 6.0).item(), 0.3, _uniform(gen, 1, 1.0, 4.0).item()
+        for _ in range(20):  # rejection sampling against overlap and the ego vehicle
+            x, y = _uniform(gen, 2, -rig.RANGE - 4, rig.RANGE + 4).tolist()
+            radius = 0.5 * math.hypot(length, width)
+            if abs(x) < 3.5 + radius and abs(y) < 2.0 + radius:
+                continue
+            if all(math.hypot(x - b[0], y - b[1]) > radius + b[9] + 0.3 for b in kept):
+                break
+        else:
+            continue
+        yaw = _uniform(gen, 1, -math.pi, math.pi).item()
+        speed = _uniform(gen, 1, 0.0, CLASS_SPEEDS[cls]).item() if cls >= 0 and torch.rand(1, generator=gen) < 0.6 else 0.0
+        kept.append([x, y, height / 2, width, length, height, yaw, speed * math.cos(yaw), speed * math.sin(yaw), radius])
+        labels.append(cls)
+    boxes = torch.tensor(kept)[:, :9]
+    labels_t = torch.tensor(labels)
+    palette = torch.rand(len(labels), 3, generator=gen) * 0.8 + 0.1
+    cone = torch.tensor([1.0, 0.45, 0.1]) + 0.08 * torch.randn(len(labels), 3, generator=gen)
+    grey = 0.35 + 0.3 * torch.rand(len(labels), 1, generator=gen).expand(-1, 3)
+    colours = torch.where((labels_t == 2)[:, None], cone, torch.where((labels_t == -1)[:, None], grey, palette))
+    speed, yaw_rate = _uniform(gen, 1, 0.0, 12.0).item(), _uniform(gen, 1, -0.3, 0.3).item()
+    return {
+        "boxes": boxes, "labels": labels_t, "colours": colours.clamp(0, 1),
+        "ego": torch.tensor([speed, yaw_rate]),
+        "cam_jitter": torch.randn(2, rig.NUM_CAMS, generator=gen) * math.radians(1.0),
+        "sun": torch.nn.functional.normalize(torch.tensor([*_uniform(gen, 2, -1, 1).tolist(), 1.5]), dim=0),
+        "ground": _uniform(gen, 2, 0.3, 0.55),
+    }
+
+
+def prev2cur(ego: torch.Tensor) -> torch.Tensor:
+    """Pose [4, 4] of the previous ego frame in the current one, from (speed, yaw rate)."""
+    speed, yaw_rate = ego.tolist()
+    theta = -yaw_rate * rig.FRAME_DT
+    dist = speed * rig.FRAME_DT
+    mat = torch.eye(4)
+    mat[:2, :2] = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    mat[0, 3], mat[1, 3] = -dist * math.cos(theta / 2), -dist * math.sin(theta / 2)
+    return mat
+
+
+def render(cam2world: torch.Tensor, intrins: torch.Tensor, boxes: torch.Tensor, colours: torch.Tensor,
+           sun: torch.Tensor, ground: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Ray-cast one frame: images [6, 3, H, W], depth [6, H, W] (0 = sky), instance ids [6, H, W] (-1 = none)."""
+    dev = cam2world.device
+    vs, us = torch.meshgrid(torch.arange(rig.IMG_H, device=dev) + 0.5, torch.arange(rig.IMG_W, device=dev) + 0.5, indexing="ij")
+    pix = torch.stack([us, vs, torch.ones_like(us)], -1).reshape(-1, 3)
+    cam_dirs = pix @ torch.linalg.inv(intrins).T                     # camera z = 1, so ray t is depth
+    dirs = cam_dirs @ cam2world[:, :3, :3].transpose(1, 2)            # [6, HW, 3]
+    origin = cam2world[:, None, :3, 3].expand_as(dirs)
+    far = torch.full(dirs.shape[:2], 1e4, device=dev)
+    t_ground = torch.where(dirs[..., 2] < -1e-6, -origin[..., 2] / dirs[..., 2].clamp(max=-1e-6), far)
+    best_t, best_id = t_ground.clone(), torch.full_like(t_ground, -1, dtype=torch.long)
+    best_normal = torch.zeros_like(dirs)
+    best_normal[..., 2] = 1.0
+    for k in range(boxes.shape[0]):
+        x, y, z, w, length, h, yaw = boxes[k, :7].tolist()
+        cos, sin = math.cos(yaw), math.sin(yaw)
+        rot = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]], device=dev)  # world -> box
+        o_l = (origin - torch.tensor([x, y, z], device=dev)) @ rot.T
+        d_l = dirs @ rot.T
+        d_l = torch.where(d_l.abs() < 1e-9, torch.full_like(d_l, 1e-9), d_l)
+        half = torch.tensor([length, w, h], device=dev) / 2
+        t1, t2 = (-half - o_l) / d_l, (half - o_l) / d_l
+        t_near, axis = torch.minimum(t1, t2).max(-1)
+        t_far = torch.maximum(t1, t2).min(-1).values
+        hit = (t_near <= t_far) & (t_near > 0) & (t_near < best_t)
+        normal_l = -torch.nn.functional.one_hot(axis, 3).float() * d_l.sign()
+        best_t = torch.where(hit, t_near, best_t)
+        best_id = torch.where(hit, torch.full_like(best_id, k), best_id)
+        best_normal = torch.where(hit[..., None], normal_l @ rot, best_normal)
+    point = origin + best_t[..., None] * dirs
+    shade = 0.45 + 0.55 * (best_normal @ sun.to(dev)).clamp(min=0)
+    tex = 0.06 * torch.sin(0.9 * point[..., 0]) * torch.sin(1.1 * point[..., 1]) + 0.25 * (torch.remainder(point[..., 1], 7.0) < 0.15)
+    ground_col = (ground.to(dev)[0] + tex)[..., None] * torch.tensor([1.0, 1.0, 0.95], device=dev)
+    obj_col = colours.to(dev)[best_id.clamp(min=0)] * (1 + 0.05 * torch.sin(3 * point[..., 2:3]))
+    colour = torch.where((best_id >= 0)[..., None], obj_col, ground_col) * shade[..., None]
+    sky = torch.tensor([0.55, 0.7, 0.95], device=dev) * (1 - 0.3 * dirs[..., 2:3].clamp(0, 1))
+    is_sky = best_t >= 1e4
+    fog = 1 - torch.exp(-best_t / (60.0 + 20 * ground.to(dev)[1]))[..., None]
+    colour = torch.where(is_sky[..., None], sky, colour * (1 - fog) + sky * fog)
+    images = (colour.reshape(-1, rig.IMG_H, rig.IMG_W, 3).permute(0, 3, 1, 2) + noise.to(dev)).clamp(0, 1)
+    depth = torch.where(is_sky, torch.zeros_like(best_t), best_t).reshape(-1, rig.IMG_H, rig.IMG_W)
+    return images, depth, best_id.reshape(-1, rig.IMG_H, rig.IMG_W)
+
+
+def heatmap(boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CenterPoint Gaussian centre heatmap [C, S, S] on the BEV grid (radius from box size, >= 2 cells)."""
+    heat = torch.zeros(rig.NUM_CLASSES, rig.BEV_SIZE, rig.BEV_SIZE)
+    grid = torch.arange(rig.BEV_SIZE, dtype=torch.float32)
+    for box, cls in zip(boxes.tolist(), labels.tolist()):
+        cx, cy = int((box[0] + rig.RANGE) / rig.BEV_CELL), int((box[1] + rig.RANGE) / rig.BEV_CELL)
+        radius = max(2, math.ceil(0.5 * math.hypot(box[3], box[4]) / rig.BEV_CELL))
+        sigma = (2 * radius + 1) / 6
+        gauss = torch.exp(-((grid[None, :] - cx) ** 2 + (grid[:, None] - cy) ** 2) / (2 * sigma**2))
+        heat[cls] = torch.maximum(heat[cls], gauss * (gauss > math.exp(-(radius**2) / (2 * sigma**2)) - 1e-6))
+    return heat
+
+
+def make_sample(seed: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """One training sample (inputs and targets) drawn from ``seed``; see the module docstring."""
+    gen = torch.Generator().manual_seed(seed)
+    scene = sample_scene(gen)
+    intrins = rig.intrinsics()
+    c2e = rig.cam2ego(*scene["cam_jitter"])
+    p2c = prev2cur(scene["ego"])
+    noise = 0.03 * torch.randn(2, rig.NUM_CAMS, 3, rig.IMG_H, rig.IMG_W, generator=gen)
+    boxes, labels = scene["boxes"], scene["labels"]
+    prev_boxes = boxes.clone()
+    prev_boxes[:, :2] -= boxes[:, 7:9] * rig.FRAME_DT
+    args = (intrins.to(device), scene["colours"], scene["sun"], scene["ground"])
+    img_cur, depth, inst = render(c2e.to(device), args[0], boxes, *args[1:], noise[0])
+    img_prev, _, _ = render((p2c @ c2e).to(device), args[0], prev_boxes, *args[1:], noise[1])
+    pixels = torch.bincount(inst.flatten().clamp(min=-1) + 1, minlength=len(labels) + 1)[1:].cpu()
+    inside = (boxes[:, :2].abs() < rig.RANGE).all(-1)
+    keep = (labels >= 0) & inside & (pixels >= MIN_PIXELS)
+    n = int(keep.sum())
+    padded_boxes = torch.zeros(MAX_BOXES, 9)
+    padded_labels = torch.full((MAX_BOXES,), -1, dtype=torch.long)
+    padded_boxes[:n], padded_labels[:n] = boxes[keep], labels[keep]
+    speed, yaw_rate = scene["ego"].tolist()
+    can_bus = torch.zeros(18)
+    can_bus[:4] = torch.tensor([speed, 0.0, yaw_rate, rig.FRAME_DT])
+    return {
+        "imgs": torch.stack([img_cur, img_prev]).cpu(), "depth": depth.cpu(), "instances": inst.cpu(),
+        "cam2ego": c2e, "intrins": intrins.expand(rig.NUM_CAMS, 3, 3).clone(), "lidar2img": rig.ego2img(c2e, intrins),
+        "prev2cur": p2c, "can_bus": can_bus, "time_diff": torch.tensor([0.0, rig.FRAME_DT]),
+        "heatmap": heatmap(boxes[keep], labels[keep]), "boxes": padded_boxes, "labels": padded_labels,
+    }
+
+
+class SceneDataset(torch.utils.data.Dataset):
+    """``length`` samples; sample ``i`` is ``make_sample(seed + i)`` (rendered on ``device``)."""
+
+    def __init__(self, seed: int, length: int, device: str | torch.device = "cpu") -> None:
+        self.seed, self.length, self.device = seed, length, device
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"SceneDataset index {index} out of range [0, {self.length})")
+        return make_sample(self.seed + index, self.device)
+
+
+def example_batch(batch: int = 1, seed: int = 10_000) -> dict[str, torch.Tensor]:
+    """A collated batch of ``batch`` samples (seeds ``seed .. seed + batch - 1``)."""
+    return torch.utils.data.default_collate([make_sample(seed + i) for i in range(batch)])
