@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import fx, nn
+from torch import fx
 
 from .layer_spec import layer_specs
 from .passes.annotate import MODULE_KINDS
 from .quantizer import FakeQuantizer
-from .tracing import AUTO_LEAVES_KEY, AutoLeaf
+from .tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
 
 
 @dataclass
@@ -61,19 +61,22 @@ class Coverage:
         return "\n".join(lines)
 
 
+def _weight_quantized(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        return isinstance(gm.get_submodule(f"{path}.weight_fake_quant"), FakeQuantizer)
+    except AttributeError:
+        return False
+
+
 def coverage(gm: fx.GraphModule) -> Coverage:
-    """The ``Coverage`` of a GraphModule returned by ``quantize``."""
-    modules = [(path, m) for path, m in gm.named_modules() if isinstance(m, tuple(MODULE_KINDS))]
-    float_modules = [path for path, m in modules if not isinstance(getattr(m, "weight_fake_quant", None), FakeQuantizer)]
-    module_paths = {path for path, _ in modules}
+    """The ``Coverage`` of a GraphModule returned by ``quantize`` (traced by ``trace``)."""
+    types = gm.meta.get(MODULE_TYPES_KEY) or {path: type(m) for path, m in gm.named_modules()}
+    module_paths = [path for path, kind in types.items() if issubclass(kind, tuple(MODULE_KINDS))]
+    float_modules = [path for path in module_paths if not _weight_quantized(gm, path)]
     graph_only = [
         spec for spec in layer_specs(gm)
-        if spec.module_path is None and (spec.weight is None or spec.weight.rpartition(".")[0] not in module_paths)
+        if spec.module_path is None and (spec.weight is None or spec.weight.rpartition(".")[0] not in types)
     ]
-    layers = len(modules) + len(graph_only)
+    layers = len(module_paths) + len(graph_only)
     return Coverage(layers, layers - len(float_modules), float_modules, list(gm.meta.get(AUTO_LEAVES_KEY, [])))
 
-
-def has_layer_modules(model: nn.Module) -> bool:
-    """Whether ``model`` holds any Conv/Linear module."""
-    return any(isinstance(m, tuple(MODULE_KINDS)) for m in model.modules())

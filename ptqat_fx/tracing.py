@@ -39,6 +39,9 @@ from .quantizer import FakeQuantizer
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
 AUTO_LEAVES_KEY = "ptqat_auto_leaves"
+# GraphModule keeps only what the graph references (a parameter used through get_attr keeps
+# a bare Module at its owner's path), so the module types are recorded at trace time.
+MODULE_TYPES_KEY = "ptqat_module_types"
 
 
 @dataclass
@@ -240,6 +243,9 @@ def trace(
             such module is listed in ``gm.meta["ptqat_auto_leaves"]``. A model whose own
             forward fails becomes one leaf under the path ``model``.
 
+    ``gm.meta["ptqat_module_types"]`` maps every module path of the traced model (as the
+    GraphModule names it) to the module's class.
+
     Raises:
         TraceError: naming the deepest failing module, the source line and the fix; with
             ``auto_leaf`` only if a module the user named a leaf still fails.
@@ -256,9 +262,11 @@ def trace(
                 raise failure.trace_error() from failure.error
             if failure.module_path is None:
                 auto_leaves.append(failure.auto_leaf("model"))
-                gm = _trace_once(_EagerModel(model), ["model"], None)
+                model = _EagerModel(model)
+                gm = _trace_once(model, ["model"], None)
                 break
             auto_leaves.append(failure.auto_leaf(failure.module_path))
             leaves.append(failure.module_path)
     gm.meta[AUTO_LEAVES_KEY] = auto_leaves
+    gm.meta[MODULE_TYPES_KEY] = {path: type(module) for path, module in model.named_modules()}
     return gm

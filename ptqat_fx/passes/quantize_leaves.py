@@ -1,4 +1,4 @@
-"""Quantize the layers inside leaf modules, which the graph passes cannot see.
+"""Quantize the layers inside leaf modules and wrapped functions, which the graph cannot see.
 
 A leaf module (one the user named, one ``trace(auto_leaf=True)`` made a leaf because it did
 not trace, or a torch module called with arguments the graph rewrite does not handle) runs
@@ -6,6 +6,10 @@ its own ``forward`` eagerly. Its Conv/Linear descendants are quantized at module
 (``leaf_layers.quantize_layer_module``), so nothing quantizable is left in float silently:
 every layer inside a leaf is either quantized or listed with the reason it is not (skipped by
 ``QuantConfig.skip``, or never called on the example inputs, so calibration could not set it).
+
+A wrapped function (``torch.fx.wrap``) that receives layer weights as arguments gets a weight
+quantizer on each such argument in the graph, and runs as an ``OpaqueCall`` that quantizes
+the matching linear/conv inputs.
 """
 from __future__ import annotations
 
@@ -13,11 +17,12 @@ import torch
 from torch import fx, nn
 
 from ..config import QuantConfig
-from ..layer_spec import LayerSpec
+from ..layer_spec import META_KEY, LayerSpec
 from ..leaf_layers import QUANTIZED_CLASSES, is_quantized_layer, quantize_layer_module
 from .annotate import MODULE_KINDS
+from ..opaque_call import OpaqueCall
 from ..quantizer import FakeQuantizer
-from ..tracing import AUTO_LEAVES_KEY, AutoLeaf
+from ..tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
 
 LEAF_KEY = "ptqat_leaf"
 
@@ -56,19 +61,73 @@ def _called_on(gm: fx.GraphModule, modules: list[nn.Module], example_inputs: tup
     return called
 
 
+def _weight_quantizer(kind: str, weight: torch.Tensor, config: QuantConfig) -> FakeQuantizer:
+    axis = 1 if kind.startswith("conv_transpose") else 0
+    return FakeQuantizer(config.w_bits, True, axis, weight.shape[axis], config.w_observer, config.percentile)
+
+
+def _input_quantizer(config: QuantConfig) -> FakeQuantizer:
+    return FakeQuantizer(config.a_bits, True, observer=config.a_observer, percentile=config.percentile)
+
+
+def _spec(path: str, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, input_quantizer: str, config: QuantConfig) -> LayerSpec:
+    params = weight.numel() + (bias.numel() if bias is not None else 0)
+    return LayerSpec(
+        path, kind, path, f"{path}.weight", f"{path}.bias" if bias is not None else None, params, -1,
+        config.w_bits, config.a_bits, f"{path}.weight_fake_quant", (input_quantizer,),
+    )
+
+
 def _quantize(path: str, module: nn.Module, config: QuantConfig) -> None:
     kind = MODULE_KINDS[type(module)]
-    axis = 1 if kind.startswith("conv_transpose") else 0
-    weight_quantizer = getattr(module, "weight_fake_quant", None) or FakeQuantizer(
-        config.w_bits, True, axis, module.weight.shape[axis], config.w_observer, config.percentile
-    )
-    input_quantizer = FakeQuantizer(config.a_bits, True, observer=config.a_observer, percentile=config.percentile)
-    params = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-    spec = LayerSpec(
-        path, kind, path, f"{path}.weight", f"{path}.bias" if module.bias is not None else None,
-        params, -1, config.w_bits, config.a_bits, f"{path}.weight_fake_quant", (f"{path}.input_quantizer",),
-    )
-    quantize_layer_module(module, spec, weight_quantizer, input_quantizer)
+    weight_quantizer = getattr(module, "weight_fake_quant", None) or _weight_quantizer(kind, module.weight, config)
+    spec = _spec(path, kind, module.weight, module.bias, f"{path}.input_quantizer", config)
+    quantize_layer_module(module, spec, weight_quantizer, _input_quantizer(config))
+
+
+def _layer_weight(gm: fx.GraphModule, value: object) -> str | None:
+    """The layer path of a ``get_attr`` of a Conv/Linear weight, else None."""
+    if not (isinstance(value, fx.Node) and value.op == "get_attr" and value.target.endswith(".weight")):
+        return None
+    path = value.target[: -len(".weight")]
+    kind = gm.meta.get(MODULE_TYPES_KEY, {}).get(path)
+    return path if kind is not None and issubclass(kind, tuple(MODULE_KINDS)) else None
+
+
+def _quantize_wrapped_call(gm: fx.GraphModule, node: fx.Node, config: QuantConfig) -> None:
+    types = gm.meta[MODULE_TYPES_KEY]
+    region = f"opaque_calls.{node.name}"
+    quantizers: dict[str, FakeQuantizer] = {}
+    specs: list[LayerSpec] = []
+
+    def quantized_weight(key: str, value: object) -> object:
+        path = _layer_weight(gm, value)
+        if path is None or config.skips(path, MODULE_KINDS[_kind_class(types[path])]):
+            return value
+        kind = MODULE_KINDS[_kind_class(types[path])]
+        target = f"{path}.weight_fake_quant"
+        if not isinstance(getattr(gm.get_submodule(path), "weight_fake_quant", None), FakeQuantizer):
+            gm.add_submodule(target, _weight_quantizer(kind, gm.get_parameter(value.target), config))
+        quantizers[key] = _input_quantizer(config)
+        bias = getattr(gm.get_submodule(path), "bias", None)
+        specs.append(_spec(path, kind, gm.get_parameter(value.target), bias, f"{region}.input_quantizers.{key}", config))
+        with gm.graph.inserting_before(node):
+            return gm.graph.call_module(target, (value,))
+
+    args = tuple(quantized_weight(str(i), value) for i, value in enumerate(node.args))
+    kwargs = {name: quantized_weight(f"kw:{name}", value) for name, value in node.kwargs.items()}
+    if not quantizers:
+        return
+    gm.add_submodule(region, OpaqueCall(node.target, quantizers, specs))
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(region, args, kwargs)
+    call.meta.update(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+
+
+def _kind_class(kind: type) -> type:
+    return next(base for base in kind.__mro__ if base in MODULE_KINDS)
 
 
 def quantize_leaves(
@@ -85,7 +144,8 @@ def quantize_leaves(
     config = config or QuantConfig()
     layers = _leaf_layers(gm)
     every = [module for found in layers.values() for _, module in found]
-    called = _called_on(gm, every, example_inputs) if example_inputs is not None else {id(m) for m in every}
+    probe = example_inputs is not None and every
+    called = _called_on(gm, every, example_inputs) if probe else {id(m) for m in every}
     records: dict[str, dict[str, list[str]]] = {}
     for leaf, found in layers.items():
         record: dict[str, list[str]] = {"quantized": [], "float": []}
@@ -100,6 +160,9 @@ def quantize_leaves(
                 _quantize(path, module, config)
                 record["quantized"].append(path)
         records[leaf] = record
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and META_KEY not in node.meta:
+            _quantize_wrapped_call(gm, node, config)
     auto: dict[str, AutoLeaf] = {leaf.path: leaf for leaf in gm.meta.get(AUTO_LEAVES_KEY, [])}
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in records:
@@ -113,5 +176,11 @@ def quantize_leaves(
 
 
 def leaf_layer_specs(gm: nn.Module) -> list[LayerSpec]:
-    """The LayerSpecs of the layers quantized at module level inside leaves, by module path."""
-    return [module.layer_spec for module in gm.modules() if is_quantized_layer(module)]
+    """The LayerSpecs of the layers this pass quantized (inside leaves and wrapped calls)."""
+    specs: list[LayerSpec] = []
+    for module in gm.modules():
+        if is_quantized_layer(module):
+            specs.append(module.layer_spec)
+        elif isinstance(module, OpaqueCall):
+            specs.extend(module.layer_specs)
+    return specs

@@ -1,0 +1,50 @@
+"""The zoo: models as users write them quantize without changes (slow: ``pytest -m slow``)."""
+from __future__ import annotations
+
+import pytest
+
+import ptqat_fx
+from ptqat_fx import TraceError
+
+from .cases import cases, measure
+
+pytestmark = pytest.mark.slow
+
+CASES = {case.name: case for case in cases()}
+# The modules each idiom model runs eagerly; the others trace whole.
+EXPECTED_AUTO_LEAVES = {
+    "data_dependent_if": ["body"],
+    "item_assignment": ["body"],
+    "loop_over_shape": ["body"],
+    "no_grad_in_forward": ["body"],
+    "nonzero_len": ["body"],
+}
+# Random-weight models (no pretrained weights offline) amplify rounding more than trained ones.
+W8A8_TOLERANCE = {"idiom": 0.03, "torchvision": 0.1}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_quantizes_every_layer_without_model_changes(name, record_property):
+    case = CASES[name]
+    row = measure(case)
+    record_property("coverage", row.report)
+    print(f"\n{name}: {row.report}\nW8A8 error {row.w8a8_error:.4f}, W4A8 {row.w4a8_error:.4f}")
+    assert row.unchanged
+    assert row.layers > 0 and row.quantized == row.layers
+    assert row.w8a8_error < W8A8_TOLERANCE[case.family]
+    assert row.w8a8_error < row.w4a8_error
+    assert row.auto_leaves == EXPECTED_AUTO_LEAVES.get(name, [])
+
+
+@pytest.mark.parametrize("name", EXPECTED_AUTO_LEAVES)
+def test_strict_mode_raises_naming_the_module_and_line(name):
+    case = CASES[name]
+    with pytest.raises(TraceError) as error:
+        ptqat_fx.quantize(case.build(), case.inputs(0), strict=True, progress=False)
+    assert "module 'body'" in str(error.value)
+    assert "tests/zoo/models.py:" in str(error.value)
+
+
+def test_torchvision_is_in_the_zoo():
+    pytest.importorskip("torchvision")
+    assert any(case.family == "torchvision" for case in CASES.values())

@@ -1,0 +1,77 @@
+"""torchvision classification models for the zoo, where torchvision is importable.
+
+torchvision wheels are built against one torch release; with another, its C++ extension
+does not load, which is harmless for classification models, but its import then fails while
+registering fake kernels for ``torchvision::nms``/``qnms``, ops the extension would have
+defined. ``load_torchvision`` defines those two schemas and imports again.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import Callable
+
+import torch
+from torch import nn
+
+_SCHEMAS = ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+            "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+_library: list[torch.library.Library] = []
+
+
+def load_torchvision() -> ModuleType | None:
+    """``torchvision``, or None where it is not installed."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        return importlib.import_module("torchvision")
+    except RuntimeError as error:
+        if "torchvision::" not in str(error):
+            raise
+    for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
+        del sys.modules[name]
+    if not _library:
+        _library.append(torch.library.Library("torchvision", "FRAGMENT"))
+        for schema in _SCHEMAS:
+            _library[0].define(schema)
+    return importlib.import_module("torchvision")
+
+
+def randomize_zero_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give weights that start at zero (ViT's head) small random values, so outputs and their
+    quantization errors are not trivially zero; returns ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("weight") and parameter.dim() > 1 and not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return model
+
+
+def builders(torchvision: ModuleType) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    """name -> (builder, input shape): one model per family; the heavy families in reduced
+    configurations of the same classes (same code paths, fewer and narrower blocks)."""
+    models = torchvision.models
+    return {
+        "resnet18": (models.resnet18, (2, 3, 64, 64)),
+        "mobilenet_v3_small": (models.mobilenet_v3_small, (2, 3, 64, 64)),
+        "efficientnet_b0": (models.efficientnet_b0, (2, 3, 64, 64)),
+        "regnet_x_400mf": (models.regnet_x_400mf, (2, 3, 64, 64)),
+        "convnext(small config)": (
+            lambda: models.ConvNeXt([models.convnext.CNBlockConfig(24, 48, 2), models.convnext.CNBlockConfig(48, None, 2)]),
+            (2, 3, 64, 64),
+        ),
+        "vit(small config)": (
+            lambda: models.VisionTransformer(64, 16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128),
+            (2, 3, 64, 64),
+        ),
+        "swin(small config)": (
+            lambda: models.SwinTransformer([4, 4], 32, [2, 2], [2, 4], [4, 4]),
+            (2, 3, 64, 64),
+        ),
+        "densenet(small config)": (
+            lambda: models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16),
+            (2, 3, 64, 64),
+        ),
+    }
