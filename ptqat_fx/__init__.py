@@ -1,7 +1,10 @@
 """ptqat-fx: PTQAT (hybrid post-training + quantization-aware training) as torch.fx passes."""
 from .api import quantize
 from .config import QuantConfig, Select
-from .errors import CalibrationError, ConfigError, InputError, PTQATError, TraceError
+from .errors import CalibrationError, ConfigError, InputError, PTQATError, SerializationError, TraceError
+from .export.onnx import export_onnx
+from .passes.convert import convert
+from .serialization import load, save
 
 __all__ = [
     "quantize",
@@ -12,4 +15,9 @@ __all__ = [
     "TraceError",
     "CalibrationError",
     "InputError",
+    "SerializationError",
+    "convert",
+    "export_onnx",
+    "save",
+    "load",
 ]

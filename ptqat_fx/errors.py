@@ -20,3 +20,7 @@ class CalibrationError(PTQATError):
 
 class InputError(PTQATError, ValueError):
     """An argument of a public function (example inputs, data) is unusable."""
+
+
+class SerializationError(PTQATError):
+    """A model cannot be saved without code, or a saved file is corrupted, truncated or foreign."""

@@ -21,18 +21,18 @@ which holds from torch 2.6 on. The result passes ``onnx.checker.check_model(full
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxscript
 import torch
 from onnx import TensorProto, defs, helper, numpy_helper
 from torch import fx
 
 from ..errors import InputError
-from ..passes.convert import IntegerWeight, integer_weight, require_calibrated
+from ..passes.convert import IntegerWeight, integer_weight, require_lowerable
 from ..quantizer import FakeQuantizer, is_quantizer_node
 
 DOMAIN = "ptqat_fx"
@@ -65,11 +65,18 @@ def _(x: torch.Tensor, index: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-_MARKER_OPSET = onnxscript.values.Opset(DOMAIN, 1)
+@functools.cache
+def _translation_table() -> dict:
+    """The marker's ONNX translation; onnxscript (which torch's exporter needs anyway) is
+    imported only when exporting."""
+    import onnxscript
 
+    opset = onnxscript.values.Opset(DOMAIN, 1)
 
-def _translate_marker(x, index: int):
-    return _MARKER_OPSET.QDQ(x, index=index)
+    def translate(x, index: int):
+        return opset.QDQ(x, index=index)
+
+    return {torch.ops.ptqat_fx.qdq.default: translate}
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ def _check_opset(table: list[IntegerWeight | ActivationQuant], opset: int) -> No
 def marker_graph(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[IntegerWeight | ActivationQuant]]:
     """A copy of ``qmodel`` whose quantizers are ``torch.ops.ptqat_fx.qdq`` markers, and the
     table the markers' indices point into."""
-    require_calibrated(qmodel)
+    require_lowerable(qmodel)
     gm = copy.deepcopy(qmodel)
     table: list[IntegerWeight | ActivationQuant] = []
     for node in list(gm.graph.nodes):
@@ -220,7 +227,7 @@ def export_onnx(
         example_inputs,
         dynamo=True,
         opset_version=opset,
-        custom_translation_table={torch.ops.ptqat_fx.qdq.default: _translate_marker},
+        custom_translation_table=_translation_table(),
         verbose=False,
     )
     model = _MarkerLowering(program.model_proto, table).run()

@@ -16,7 +16,7 @@ Only plain torch ops appear, so the result runs eagerly, under ``torch.compile``
 parameters) is the deployable artefact. The arithmetic is the fake-quantizer's, op for op,
 so in float32 the converted model reproduces the fake-quant model in eval mode.
 
-``integer_weight`` and ``require_calibrated`` are shared with the ONNX exporter, so both
+``integer_weight`` and ``require_lowerable`` are shared with the ONNX exporter, so both
 lowerings store the same integers.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, InputError
 from ..quantizer import FakeQuantizer, is_quantizer_node, quantizers
 
 CONVERT_KEY = "ptqat_convert"
@@ -61,8 +61,17 @@ class IntegerWeight:
         return self.scale.reshape(shape)
 
 
-def require_calibrated(gm: fx.GraphModule) -> None:
-    """Raise CalibrationError naming the first quantizer of ``gm`` still in observe mode."""
+def require_lowerable(gm: fx.GraphModule) -> None:
+    """Raise CalibrationError naming the first quantizer of ``gm`` still in observe mode, or
+    InputError naming the quantizers the graph does not call (inside leaf modules, which
+    run their own ``forward`` and cannot be lowered node by node)."""
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    hidden = [name for name in quantizers(gm) if name not in called]
+    if hidden:
+        raise InputError(
+            f"quantizers {hidden[:3]} are inside leaf modules, which convert/export cannot "
+            "lower; trace those modules (drop them from leaf_modules) or skip their layers"
+        )
     for name, quantizer in quantizers(gm).items():
         if not quantizer.calibrated:
             raise CalibrationError(
@@ -191,7 +200,7 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.Gr
     Raises:
         CalibrationError: a quantizer was never calibrated.
     """
-    require_calibrated(qmodel)
+    require_lowerable(qmodel)
     gm = copy.deepcopy(qmodel)
     lowering = _Lowering(gm, pack_int4_weights)
     for node in list(gm.graph.nodes):

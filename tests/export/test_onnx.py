@@ -1,0 +1,113 @@
+"""export_onnx(): the Q/DQ structure (node counts, initializer types, axes), the full checker,
+and agreement of onnxruntime and onnx.reference with the converted model."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import TensorProto
+from torch import nn
+
+import ptqat_fx
+from ptqat_fx.export.verify import agreement, onnxruntime_session, run_onnx
+from ptqat_fx.layer_spec import layer_nodes
+from ptqat_fx.quantizer import is_quantizer_node
+from examples import mlp
+from tests.export.quantized_examples import EXAMPLES, example_input, quantized
+
+
+def _counts(qmodel):
+    weights = activations = 0
+    for node in qmodel.graph.nodes:
+        if is_quantizer_node(qmodel, node):
+            if node.args[0].op == "get_attr":
+                weights += 1
+            else:
+                activations += 1
+    return weights, activations
+
+
+def _output_step(qmodel) -> float:
+    """How far one rounding flip at the last layer's input moves an output."""
+    spec = layer_nodes(qmodel)[-1].meta["ptqat_layer"]
+    return float(qmodel.get_submodule(spec.input_quantizers[0]).scale) * float(qmodel.get_parameter(spec.weight).abs().max())
+
+
+@pytest.mark.parametrize("name,w_bits", [(name, bits) for name in EXAMPLES for bits in (8, 4)])
+def test_export_structure_and_agreement(name, w_bits, tmp_path):
+    qmodel = quantized(name, w_bits)
+    x = example_input(name, seed=5)
+    path = tmp_path / "model.onnx"
+    ptqat_fx.export_onnx(qmodel, (x,), path)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert {entry.domain: entry.version for entry in model.opset_import}[""] == 21
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    weight_dq = [n for n in dequantize if n.input[0] in initializers]
+    weights, activations = _counts(qmodel)
+    assert (len(weight_dq), len(quantize), len(dequantize)) == (weights, activations, weights + activations)
+    for node in weight_dq:
+        assert initializers[node.input[0]].data_type == (TensorProto.INT8 if w_bits == 8 else TensorProto.INT4)
+        assert initializers[node.input[2]].data_type == initializers[node.input[0]].data_type
+        assert onnx.helper.get_attribute_value(node.attribute[0]) == 0
+        assert len(initializers[node.input[1]].dims) == 1
+    for node in quantize:
+        assert initializers[node.input[2]].data_type == TensorProto.INT8
+        assert len(initializers[node.input[1]].dims) == 0
+    for spec in (n.meta["ptqat_layer"] for n in layer_nodes(qmodel)):
+        assert spec.weight is None or spec.weight not in initializers  # float weights are gone
+
+    converted = ptqat_fx.convert(qmodel)
+    step = _output_step(qmodel)
+    for runtime, result in agreement(path, converted, (x,)).items():
+        # A rounding flip (see verify's docstring) reaches every output of its sample; at most
+        # 2 of the 8 samples may carry one, moving outputs by a few steps (docs/deploy.md).
+        assert result.mismatched_fraction <= 0.25, runtime
+        assert result.max_abs_error <= 8 * step, runtime
+
+
+def test_conv_transpose_weights_dequantize_along_axis_1(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.ConvTranspose2d(6, 5, 3, stride=2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    qmodel = ptqat_fx.quantize(model, (x,), [x], ptqat_fx.QuantConfig(w_bits=4), progress=False).eval()
+    onnx_model = ptqat_fx.export_onnx(qmodel, (x,), tmp_path / "m.onnx")
+    axes = {n.input[0]: onnx.helper.get_attribute_value(n.attribute[0]) for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and n.attribute}
+    assert axes == {"0.weight_quantized": 0, "2.weight_quantized": 1}
+    expected = ptqat_fx.convert(qmodel)(x).detach().numpy()
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", (x,), "onnxruntime")[0], expected, atol=1e-5)
+
+
+def test_default_onnxruntime_optimizations_drop_relu_before_int4_quantize(tmp_path):
+    """The pitfall the verification session avoids: with 4-bit activations (INT4, zero point 0)
+    ReluQuantRewrite removes the ReLU although the signed range keeps negatives."""
+    x = example_input("mlp")
+    qmodel = quantized("mlp", 4, a_bits=4)
+    ptqat_fx.export_onnx(qmodel, (x,), tmp_path / "m.onnx")
+    expected = ptqat_fx.convert(qmodel)(x).detach().numpy()
+    default = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    naive = default.run(None, {"x": x.numpy()})[0]
+    fixed = onnxruntime_session(tmp_path / "m.onnx").run(None, {"x": x.numpy()})[0]
+    assert np.abs(naive - expected).max() > 1e-2
+    np.testing.assert_allclose(fixed, expected, atol=1e-5)
+
+
+def test_int4_weights_need_opset_21(tmp_path):
+    x = example_input("mlp")
+    with pytest.raises(ptqat_fx.InputError, match="opset=20 .*opset >= 21"):
+        ptqat_fx.export_onnx(quantized("mlp", 4), (x,), tmp_path / "m.onnx", opset=20)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_uncalibrated_model_cannot_be_exported(tmp_path):
+    x = example_input("mlp")
+    gm = quantized("mlp", 8)
+    gm.get_submodule("input_quantizers.relu").observe()
+    with pytest.raises(ptqat_fx.CalibrationError, match="input_quantizers.relu"):
+        ptqat_fx.export_onnx(gm, (x,), tmp_path / "m.onnx")
+    assert gm(x).shape == (8, 10) and mlp.MLP is not None

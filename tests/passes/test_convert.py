@@ -1,0 +1,103 @@
+"""convert(): integer weights checked against torch's own fake-quant ops, converted outputs
+against the fake-quant model, packing, storage size and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptqat_fx
+from ptqat_fx.layer_spec import layer_nodes
+from ptqat_fx.passes.annotate import annotate
+from ptqat_fx.passes.convert import CONVERT_KEY, pack_int4, state_dict_bytes, unpack_int4
+from ptqat_fx.passes.insert_quantizers import insert_quantizers
+from ptqat_fx.quantizer import quantizers
+from ptqat_fx.tracing import trace
+from examples import mlp
+from tests.export.quantized_examples import EXAMPLES, example_input, quantized
+
+CASES = [(name, bits) for name in EXAMPLES for bits in (8, 4)]
+
+
+@pytest.mark.parametrize("name,w_bits", CASES)
+def test_converted_model_reproduces_fake_quant_model(name, w_bits):
+    qmodel = quantized(name, w_bits)
+    x = example_input(name, seed=7)
+    with torch.no_grad():
+        expected = qmodel(x)
+        for pack in (False, True):
+            # Same ops in the same order in float32: bit-identical, not just within tolerance.
+            assert torch.equal(ptqat_fx.convert(qmodel, pack_int4_weights=pack)(x), expected)
+
+
+@pytest.mark.parametrize("name,w_bits", CASES)
+def test_weights_are_integers_matching_torch_fake_quantize(name, w_bits):
+    qmodel = quantized(name, w_bits)
+    converted = ptqat_fx.convert(qmodel)
+    assert not quantizers(converted)
+    state = converted.state_dict()
+    checked = 0
+    for node in layer_nodes(qmodel):
+        spec = node.meta["ptqat_layer"]
+        if spec.weight is None:
+            continue
+        quantizer = qmodel.get_submodule(spec.weight_quantizer)
+        weight = qmodel.get_parameter(spec.weight).detach()
+        values, scale = state[f"{spec.weight}_int"], state[f"{spec.weight}_scale"]
+        assert spec.weight not in state and values.dtype == torch.int8
+        assert values.min() >= -(2 ** (w_bits - 1)) and values.max() <= 2 ** (w_bits - 1) - 1
+        reference = torch.fake_quantize_per_channel_affine(
+            weight, quantizer.scale.detach(), torch.zeros(scale.numel(), dtype=torch.int32),
+            quantizer.channel_axis, quantizer.qmin, quantizer.qmax,
+        )
+        assert torch.equal(values.float() * scale, reference)
+        checked += 1
+    assert checked == sum(1 for n in layer_nodes(qmodel) if n.meta["ptqat_layer"].weight)
+    lowered = [n.meta[CONVERT_KEY] for n in converted.graph.nodes if CONVERT_KEY in n.meta]
+    assert sum("weight" in m for m in lowered) == checked
+
+
+def test_activation_quantize_dequantize_matches_torch_per_tensor_op():
+    qmodel = quantized("mlp", 8)
+    converted = ptqat_fx.convert(qmodel)
+    scale = converted.get_buffer("input_quantizers.relu.scale")
+    x = torch.randn(1000) * 3 * float(scale) * 128
+    reference = torch.fake_quantize_per_tensor_affine(x, float(scale), 0, -128, 127)
+    node = next(n for n in converted.graph.nodes if n.meta.get(CONVERT_KEY, {}).get("activation") == "input_quantizers.relu")
+    steps = {"div": torch.div(x, scale)}
+    steps["clamp"] = torch.clamp(steps["div"], -128, 127)
+    result = torch.round(steps["clamp"]).to(torch.int8) * scale
+    assert node.target is torch.mul and torch.equal(result, reference)
+
+
+def test_pack_int4_round_trips_every_value():
+    values = torch.tensor([-8, -7, -1, 0, 1, 6, 7, -8, 3], dtype=torch.int8).reshape(3, 3)
+    packed = pack_int4(values)
+    assert packed.dtype == torch.uint8 and packed.numel() == 5
+    assert packed[0] == (0x8 | (0x9 << 4))
+    assert torch.equal(unpack_int4(packed, values.shape), values)
+
+
+def test_state_dict_is_the_small_deployable_artefact():
+    float_bytes = state_dict_bytes(mlp.build())
+    int8 = ptqat_fx.convert(quantized("mlp", 8))
+    int4 = ptqat_fx.convert(quantized("mlp", 4), pack_int4_weights=True)
+    assert all(not t.is_floating_point() or t.numel() < 1000 for t in int8.state_dict().values())
+    # MLP 784-128-128-10: weights dominate, so int8 ~ 1/4 and packed int4 ~ 1/8 of FP32.
+    assert state_dict_bytes(int8) / float_bytes == pytest.approx(0.254, abs=0.005)
+    assert state_dict_bytes(int4) / float_bytes == pytest.approx(0.129, abs=0.005)
+
+
+def test_convert_leaves_the_fake_quant_model_unchanged():
+    qmodel = quantized("resnet", 4)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    ptqat_fx.convert(qmodel)
+    after = qmodel.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_uncalibrated_model_is_refused_naming_the_quantizer():
+    x = example_input("mlp")
+    gm = insert_quantizers(annotate(trace(mlp.build())))
+    with pytest.raises(ptqat_fx.CalibrationError, match=r"quantizer .fc1.weight_fake_quant. was never calibrated"):
+        ptqat_fx.convert(gm)
+    assert gm(x).shape == (8, 10)
