@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ptqat_fx
+from ptqat_fx.layer_spec import layer_specs
 from tests.export.quantized_examples import example_input, quantized
 
 
@@ -53,3 +54,23 @@ def test_eval_model_compiles_without_breaks(lower):
     assert _graph_breaks(model, x) == 0
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_model_compiles_in_training_without_breaks():
+    freeze = pytest.importorskip("ptqat_fx.passes.freeze").freeze
+    model = quantized("mlp", 4).train()
+    for index, spec in enumerate(layer_specs(model)):
+        spec.selected = index == 1
+    model = freeze(model)
+    x = example_input("mlp")
+    assert _graph_breaks(model, x) == 0
+    eager = model(x)
+    eager.square().sum().backward()
+    eager_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert eager_grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-5, msg=name)

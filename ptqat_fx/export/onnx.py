@@ -32,7 +32,7 @@ from onnx import TensorProto, defs, helper, numpy_helper
 from torch import fx
 
 from ..errors import InputError
-from ..passes.convert import IntegerWeight, integer_weight, require_lowerable
+from ..passes.convert import IntegerWeight, integer_weight, require_lowerable, restore_layer_functions
 from ..quantizer import FakeQuantizer, is_quantizer_node
 
 DOMAIN = "ptqat_fx"
@@ -125,11 +125,15 @@ def marker_graph(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[IntegerWe
             entry = ActivationQuant(node.target, float(quantizer.scale.detach().reshape(())), quantizer.bits, quantizer.signed)
         if entry is None:
             continue
-        with gm.graph.inserting_before(node):
-            marker = gm.graph.call_function(torch.ops.ptqat_fx.qdq.default, (node.args[0], len(table)))
+        # A frozen weight is a get_attr of its dequantized constant: the marker wraps it.
+        source = node if node.op == "get_attr" else node.args[0]
+        with gm.graph.inserting_after(node):
+            marker = gm.graph.call_function(torch.ops.ptqat_fx.qdq.default, (source, len(table)))
         table.append(entry)
-        node.replace_all_uses_with(marker)
-        gm.graph.erase_node(node)
+        node.replace_all_uses_with(marker, delete_user_cb=lambda user: user is not marker)
+        if node is not source:
+            gm.graph.erase_node(node)
+    restore_layer_functions(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

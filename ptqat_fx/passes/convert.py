@@ -25,12 +25,16 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import CalibrationError, InputError
+from ..layer_spec import META_KEY, layer_nodes, layer_specs
 from ..quantizer import FakeQuantizer, is_quantizer_node, quantizers
 
 CONVERT_KEY = "ptqat_convert"
+FROZEN_WEIGHT = "frozen_weight"
+_CONV_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,9 @@ def require_lowerable(gm: fx.GraphModule) -> None:
     """Raise CalibrationError naming the first quantizer of ``gm`` still in observe mode, or
     InputError naming the quantizers the graph does not call (inside leaf modules, which
     run their own ``forward`` and cannot be lowered node by node)."""
-    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
-    hidden = [name for name in quantizers(gm) if name not in called]
+    used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    used |= {node.target.rpartition(".")[0] for node in gm.graph.nodes if node.op == "get_attr"}
+    hidden = [name for name in quantizers(gm) if name not in used]
     if hidden:
         raise InputError(
             f"quantizers {hidden[:3]} are inside leaf modules, which convert/export cannot "
@@ -85,17 +90,33 @@ def integer_weight(gm: fx.GraphModule, node: fx.Node) -> IntegerWeight | None:
     quantized weight.
 
     Recognised: a weight ``FakeQuantizer`` applied to a ``get_attr`` (the form
-    ``insert_quantizers`` builds).
+    ``insert_quantizers`` builds), and the ``get_attr`` of a frozen layer's constant
+    dequantized weight (``<weight quantizer>.frozen_weight``, which ``freeze`` stores).
     """
-    if not (is_quantizer_node(gm, node) and node.args[0].op == "get_attr"):
+    if is_quantizer_node(gm, node) and node.args[0].op == "get_attr":
+        quantizer_path, path = node.target, node.args[0].target
+    elif node.op == "get_attr" and node.target.endswith(f".{FROZEN_WEIGHT}"):
+        quantizer_path = node.target.rpartition(".")[0]
+        path = {spec.weight_quantizer: spec.weight for spec in layer_specs(gm)}.get(quantizer_path, node.target)
+    else:
         return None
-    quantizer: FakeQuantizer = gm.get_submodule(node.target)
-    path = node.args[0].target
-    weight = _fetch(gm, path).detach()
+    quantizer = gm.get_submodule(quantizer_path)
+    if not isinstance(quantizer, FakeQuantizer):
+        return None
+    weight = _fetch(gm, node.target if node.op == "get_attr" else path).detach()
     scale = quantizer.scale.detach().float()
     result = IntegerWeight(path, weight, scale, quantizer.channel_axis, quantizer.bits)
     values = (weight.float() / result.broadcast_scale()).clamp(quantizer.qmin, quantizer.qmax).round()
     return IntegerWeight(path, values.to(torch.int8), scale, quantizer.channel_axis, quantizer.bits)
+
+
+def restore_layer_functions(gm: fx.GraphModule) -> None:
+    """Give frozen convolutions back their torch function: the training-only form ``freeze``
+    uses (``frozen_conv``, an autograd.Function) computes the same forward."""
+    for node in layer_nodes(gm):
+        function = _CONV_FUNCTIONS.get(node.meta[META_KEY].kind)
+        if node.meta.get("frozen") and function is not None and node.op == "call_function":
+            node.target = function
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -211,11 +232,12 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.Gr
             replacement = lowering.activation(node, gm.get_submodule(node.target))
         else:
             continue
-        source = node.args[0]
+        source = node.args[0] if node.args else None
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-        if source.op == "get_attr" and not source.users:
+        if source is not None and source.op == "get_attr" and not source.users:
             gm.graph.erase_node(source)
+    restore_layer_functions(gm)
     used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
     for path in lowering.float_weights - used:
         owner, _, leaf = path.rpartition(".")

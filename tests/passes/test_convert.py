@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ptqat_fx
-from ptqat_fx.layer_spec import layer_nodes
+from ptqat_fx.layer_spec import layer_nodes, layer_specs
 from ptqat_fx.passes.annotate import annotate
 from ptqat_fx.passes.convert import CONVERT_KEY, pack_int4, state_dict_bytes, unpack_int4
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
@@ -101,3 +101,19 @@ def test_uncalibrated_model_is_refused_naming_the_quantizer():
     with pytest.raises(ptqat_fx.CalibrationError, match=r"quantizer .fc1.weight_fake_quant. was never calibrated"):
         ptqat_fx.convert(gm)
     assert gm(x).shape == (8, 10)
+
+
+def test_frozen_layers_lower_to_the_same_integers():
+    freeze = pytest.importorskip("ptqat_fx.passes.freeze").freeze
+    qmodel = quantized("resnet", 4)
+    for index, spec in enumerate(layer_specs(qmodel)):
+        spec.selected = index % 2 == 0
+    x = example_input("resnet")
+    expected = qmodel(x)
+    frozen = freeze(qmodel).eval()
+    converted = ptqat_fx.convert(frozen)
+    reference = ptqat_fx.convert(quantized("resnet", 4))
+    assert torch.equal(converted(x), expected) and not quantizers(converted)
+    state, reference_state = converted.state_dict(), reference.state_dict()
+    assert state.keys() == reference_state.keys()
+    assert all(torch.equal(state[k], reference_state[k]) for k in state)
