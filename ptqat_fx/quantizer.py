@@ -35,20 +35,60 @@ def _broadcast(scale: torch.Tensor, ndim: int, channel_axis: int | None) -> torc
     return scale.reshape(shape)
 
 
+def fake_quantize_forward(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None
+) -> torch.Tensor:
+    """round(clamp(x / s, qmin, qmax)) * s in float32, returned in ``x``'s dtype; no autograd."""
+    step = _broadcast(scale.detach().float(), x.dim(), channel_axis)
+    return ((x.detach().float() / step).clamp(qmin, qmax).round() * step).to(x.dtype)
+
+
+def fake_quantize_backward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    grad_out: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    channel_axis: int | None,
+    grad_scale: float,
+    need_scale_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LSQ gradients (Esser et al., 2020) of ``x`` and the step from the output gradient:
+    straight through inside [qmin, qmax], zero outside; for the step, ``round(v) - v`` inside
+    and the clip bound outside, times ``grad_scale``."""
+    step = _broadcast(scale.float(), x.dim(), channel_axis)
+    scaled = x.float() / step
+    inside = (scaled >= qmin) & (scaled <= qmax)
+    grad_x = grad_out * inside
+    if not need_scale_grad:
+        return grad_x, None
+    d_step = torch.where(inside, scaled.round() - scaled, scaled.clamp(qmin, qmax))
+    per_element = grad_out.float() * d_step
+    if channel_axis is None:
+        grad_step = per_element.sum().reshape(scale.shape)
+    else:
+        grad_step = per_element.transpose(0, channel_axis).flatten(1).sum(1)
+    return grad_x, (grad_step * grad_scale).to(scale.dtype)
+
+
+def lsq_grad_scale(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> float:
+    """LSQ's step-gradient scale 1 / sqrt(N * qmax), N the elements sharing one step."""
+    return 1.0 / (x.numel() // scale.numel() * max(qmax, 1)) ** 0.5
+
+
 class _LSQFunction(torch.autograd.Function):
-    """round(clamp(x / s, qmin, qmax)) * s with the LSQ gradients (Esser et al., 2020)."""
+    """Fake quantization with the LSQ gradients; keeps ``x`` (or, for a frozen step, only the
+    clip mask) for backward."""
 
     @staticmethod
     def forward(ctx, x, scale, qmin, qmax, channel_axis, grad_scale):
-        step = _broadcast(scale.float(), x.dim(), channel_axis)
-        scaled = x.float() / step
-        out = (scaled.clamp(qmin, qmax).round() * step).to(x.dtype)
         ctx.qmin, ctx.qmax, ctx.channel_axis, ctx.grad_scale = qmin, qmax, channel_axis, grad_scale
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(x, scale)
         else:
+            scaled = x.float() / _broadcast(scale.float(), x.dim(), channel_axis)
             ctx.save_for_backward((scaled >= qmin) & (scaled <= qmax))
-        return out
+        return fake_quantize_forward(x, scale, qmin, qmax, channel_axis)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -56,18 +96,10 @@ class _LSQFunction(torch.autograd.Function):
             (inside,) = ctx.saved_tensors
             return grad_out * inside, None, None, None, None, None
         x, scale = ctx.saved_tensors
-        step = _broadcast(scale.float(), x.dim(), ctx.channel_axis)
-        scaled = x.float() / step
-        inside = (scaled >= ctx.qmin) & (scaled <= ctx.qmax)
-        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
-        # d(out)/d(s) is round(v) - v inside the range and the clip bound outside it.
-        d_step = torch.where(inside, scaled.round() - scaled, scaled.clamp(ctx.qmin, ctx.qmax))
-        per_element = grad_out.float() * d_step
-        if ctx.channel_axis is None:
-            grad_scale = per_element.sum().reshape(scale.shape)
-        else:
-            grad_scale = per_element.transpose(0, ctx.channel_axis).flatten(1).sum(1)
-        return grad_x, (grad_scale * ctx.grad_scale).to(scale.dtype), None, None, None, None
+        grad_x, grad_step = fake_quantize_backward(
+            x, scale, grad_out, ctx.qmin, ctx.qmax, ctx.channel_axis, ctx.grad_scale
+        )
+        return grad_x, grad_step, None, None, None, None
 
 
 def lsq_fake_quantize(
@@ -80,9 +112,7 @@ def lsq_fake_quantize(
     """Fake-quantize ``x`` with step ``scale`` (one per tensor, or one per slice along
     ``channel_axis``); the step-size gradient is scaled by ``1 / sqrt(N * qmax)`` with N the
     number of elements sharing one step, as LSQ prescribes."""
-    per_step = x.numel() // scale.numel()
-    grad_scale = 1.0 / (per_step * max(qmax, 1)) ** 0.5
-    return _LSQFunction.apply(x, scale, qmin, qmax, channel_axis, grad_scale)
+    return _LSQFunction.apply(x, scale, qmin, qmax, channel_axis, lsq_grad_scale(x, scale, qmax))
 
 
 class FakeQuantizer(nn.Module):

@@ -52,6 +52,13 @@ def _function_bias(node: fx.Node) -> str | None:
     return bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
 
 
+def _functional_name(node: fx.Node) -> str:
+    """``blocks.0.attn.matmul_1``: the innermost module that made the call, then the node."""
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack.values()))[0] if stack else ""
+    return f"{owner}.{node.name}" if owner else node.name
+
+
 def _layer_of(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> LayerSpec | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -70,12 +77,14 @@ def _layer_of(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> LayerSpec | 
             return None
         bias = _function_bias(node)
         params = _parameter_count(gm, weight_node.target, bias)
-        return LayerSpec(node.name, FUNCTION_KINDS[node.target], None, weight_node.target, bias, params, -1)
+        return LayerSpec(
+            _functional_name(node), FUNCTION_KINDS[node.target], None, weight_node.target, bias, params, -1
+        )
     is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in MATMUL_METHODS
     )
     if is_matmul:
-        return LayerSpec(node.name, "matmul", None, None, None, 0, -1)
+        return LayerSpec(_functional_name(node), "matmul", None, None, None, 0, -1)
     return None
 
 

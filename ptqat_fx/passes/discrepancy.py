@@ -1,0 +1,194 @@
+"""Discrepancy analysis: how far each layer's quantized output departs from full precision.
+
+One ``fx.Interpreter`` sweep per batch evaluates the float and the quantized model side by
+side: every value in the environment is a pair (float, quantized). Quantizer nodes pass the
+float value through on the float side and quantize on the quantized side; every other node
+runs once per side. At each layer two discrepancies can be read:
+
+* ``accumulated``: the layer's output in the fully quantized model vs in the float model,
+  the error that has arrived at that layer;
+* ``local``: the layer run on its quantized float input (and quantized weight) vs the float
+  layer, the error that layer makes by itself. This needs a third evaluation at layers only.
+
+Metrics, per sample (dim 0) then averaged over all samples of all batches:
+``euclidean`` ||Q - X||_2 (the PTQAT paper's ``Dis``), ``relative`` ||Q - X|| / ||X||,
+``mse`` mean (Q - X)^2, ``cosine`` 1 - cos(Q, X). Results go to ``LayerSpec.discrepancy``
+under ``"<mode>.<metric>"``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.node import map_aggregate
+
+from ..batches import model_args
+from ..config import METRICS, MODES
+from ..errors import CalibrationError, ConfigError
+from ..layer_spec import META_KEY, LayerSpec, layer_specs
+from ..progress import progress_bar
+from ..quantizer import FakeQuantizer
+
+
+@dataclass
+class _Both:
+    """A value on the float side and on the quantized side; ``local`` at quantizer outputs
+    is the quantizer applied to the float value."""
+
+    float: Any
+    quantized: Any
+    local: Any = None
+
+    @property
+    def local_or_float(self) -> Any:
+        return self.local if self.local is not None else self.float
+
+
+def _distances(q: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample metric values, shape [samples], from four reductions per sample."""
+    samples = q.shape[0] if q.dim() > 0 else 1
+    q = q.detach().float().reshape(samples, -1)
+    x = x.detach().float().reshape(samples, -1)
+    difference = (q - x).norm(dim=1).double()
+    x_norm = x.norm(dim=1).double()
+    q_norm = q.norm(dim=1).double()
+    dot = (q * x).sum(dim=1).double()
+    return {
+        "euclidean": difference,
+        "relative": difference / x_norm.clamp_min(1e-12),
+        "mse": difference.square() / q.shape[1],
+        "cosine": 1 - dot / (q_norm * x_norm).clamp_min(1e-12),
+    }
+
+
+class DiscrepancyInterpreter(fx.Interpreter):
+    """Runs float and quantized side by side and sums per-layer discrepancies.
+
+    Example::
+
+        interpreter = DiscrepancyInterpreter(gm, modes=("accumulated",))
+        for batch in data:
+            interpreter.run(*batch)
+        interpreter.means()   # {layer name: {"accumulated.relative": ..., ...}}
+    """
+
+    def __init__(self, gm: fx.GraphModule, modes: Sequence[str] = ("accumulated",)) -> None:
+        super().__init__(gm)
+        self.modes = tuple(modes)
+        self.sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        self.samples: dict[str, int] = defaultdict(int)
+        # Weights do not change during the analysis: quantize each once, not once per batch.
+        self.quantized_constants: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("placeholder", "get_attr"):
+            value = super().run_node(n)
+            return _Both(value, value)
+        float_args, float_kwargs = self._side(n, "float")
+        float_out = getattr(self, n.op)(n.target, float_args, float_kwargs)
+        if n.op == "output":
+            return float_out
+        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), FakeQuantizer):
+            quantizer = self.module.get_submodule(n.target)
+            (float_in,), (quantized_in,) = float_args, self._side(n, "quantized")[0]
+            if n.args[0].op == "get_attr":
+                if n.name not in self.quantized_constants:
+                    self.quantized_constants[n.name] = quantizer(float_in)
+                constant = self.quantized_constants[n.name]
+                return _Both(float_in, constant, constant)
+            local = quantizer(float_in) if "local" in self.modes else None
+            return _Both(float_in, quantizer(quantized_in), local)
+        quantized_args, quantized_kwargs = self._side(n, "quantized")
+        quantized_out = getattr(self, n.op)(n.target, quantized_args, quantized_kwargs)
+        spec: LayerSpec | None = n.meta.get(META_KEY)
+        if spec is not None:
+            self._record(n, spec, float_out, quantized_out)
+        return _Both(float_out, quantized_out)
+
+    def _side(self, n: fx.Node, side: str) -> tuple[tuple, dict]:
+        def pick(value: Any) -> Any:
+            return getattr(self.env[value], side) if isinstance(value, fx.Node) else value
+
+        return map_aggregate(n.args, pick), map_aggregate(n.kwargs, pick)
+
+    def _record(self, n: fx.Node, spec: LayerSpec, float_out: Any, quantized_out: Any) -> None:
+        if not isinstance(float_out, torch.Tensor):
+            return
+        outputs = {}
+        if "accumulated" in self.modes:
+            outputs["accumulated"] = quantized_out
+        if "local" in self.modes:
+            local_args, local_kwargs = self._side(n, "local_or_float")
+            outputs["local"] = getattr(self, n.op)(n.target, local_args, local_kwargs)
+        sums = self.sums[spec.name]
+        for mode, output in outputs.items():
+            for metric, values in _distances(output, float_out).items():
+                key = f"{mode}.{metric}"
+                sums[key] = sums[key] + values.sum() if key in sums else values.sum()
+        self.samples[spec.name] += float_out.shape[0] if float_out.dim() > 0 else 1
+
+    def means(self) -> dict[str, dict[str, float]]:
+        """Layer name -> ``"<mode>.<metric>"`` -> mean over all samples seen."""
+        return {
+            name: {key: float(total) / self.samples[name] for key, total in sums.items()}
+            for name, sums in self.sums.items()
+        }
+
+
+def discrepancy(
+    gm: fx.GraphModule,
+    data: Iterable[Any],
+    arity: int,
+    *,
+    modes: Sequence[str] = ("accumulated",),
+    progress: bool = True,
+) -> fx.GraphModule:
+    """Measure every annotated layer's discrepancy over ``data``; returns ``gm``.
+
+    Args:
+        gm: a calibrated fake-quant graph.
+        data: batches of model inputs (as for calibration).
+        arity: number of positional model inputs.
+        modes: any of ``local`` and ``accumulated``.
+        progress: show a progress bar.
+
+    Fills ``LayerSpec.discrepancy["<mode>.<metric>"]`` for every layer and metric.
+    """
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise ConfigError(f"discrepancy modes={tuple(modes)!r}: choose from {MODES}")
+    for name, module in gm.named_modules():
+        if isinstance(module, FakeQuantizer) and not module.calibrated:
+            raise CalibrationError(f"quantizer {name!r} is not calibrated; run calibrate() first")
+    interpreter = DiscrepancyInterpreter(gm, modes)
+    was_training = gm.training
+    gm.eval()
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in progress_bar(data, "discrepancy", progress):
+                interpreter.run(*model_args(batch, arity))
+                batches += 1
+    finally:
+        gm.train(was_training)
+    if batches == 0:
+        raise CalibrationError("discrepancy data yielded no batch")
+    means = interpreter.means()
+    for spec in layer_specs(gm):
+        spec.discrepancy.update(means.get(spec.name, {}))
+    return gm
+
+
+def discrepancy_table(gm: fx.GraphModule, key: str = "accumulated.relative") -> list[dict[str, Any]]:
+    """Rows ``{layer, kind, params, value}`` in graph order for one ``"<mode>.<metric>"``."""
+    mode, _, metric = key.partition(".")
+    if mode not in MODES or metric not in METRICS:
+        raise ConfigError(f"discrepancy key {key!r}: expected '<mode>.<metric>' with mode in {MODES}, metric in {METRICS}")
+    return [
+        {"layer": s.name, "kind": s.kind, "params": s.params, "value": s.discrepancy.get(key)}
+        for s in layer_specs(gm)
+    ]

@@ -1,0 +1,93 @@
+"""The freeze rewrite: only the selected layers keep ``requires_grad``; frozen layers are
+rewritten so that training them costs as little as possible.
+
+Setting ``requires_grad=False`` alone saves almost nothing (measured: <= 15% memory, ~5% time
+on ResNet-50 with half the layers frozen), because frozen layers still quantize their weights
+every step and keep their inputs for backward. For every frozen layer this pass
+
+* replaces the weight fake-quant node by a constant: the dequantized weight computed once,
+  a ``frozen_weight`` buffer on the weight quantizer (its integer values are
+  ``frozen_weight / scale`` exactly);
+* freezes the step size of its input quantizer, which then keeps only a one-byte clip mask;
+* turns ``F.conv{1,2,3}d`` into ``frozen_conv``, which keeps only the weight for backward
+  (``F.linear`` already does when its weight needs no gradient).
+
+Where nothing trainable lies upstream of a frozen layer, no input needs a gradient and
+autograd records nothing for it. A quantizer or weight shared with a selected layer stays
+trainable. Parameters outside quantizable layers (norms, embeddings) are frozen unless
+``train_other_params``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..errors import ConfigError
+from ..frozen_conv import frozen_conv
+from ..layer_spec import META_KEY, LayerSpec, layer_nodes
+from ..quantizer import FakeQuantizer
+
+_FROZEN_CONV_TARGETS = {F.conv1d, F.conv2d, F.conv3d}
+
+
+def trainable_names(gm: fx.GraphModule, train_other_params: bool = False) -> set[str]:
+    """Parameter names that stay trainable given each LayerSpec's ``selected`` flag."""
+    trainable: set[str] = set()
+    in_layers: set[str] = set()
+    for node in layer_nodes(gm):
+        spec: LayerSpec = node.meta[META_KEY]
+        names = [spec.weight, spec.bias]
+        names += [f"{spec.weight_quantizer}.scale"] if spec.weight_quantizer else []
+        names += [f"{q}.scale" for q in spec.input_quantizers]
+        names = [n for n in names if n is not None]
+        in_layers.update(names)
+        if spec.selected:
+            trainable.update(names)
+    if train_other_params:
+        trainable.update(
+            name for name, _ in gm.named_parameters()
+            if name not in in_layers and not name.endswith(".scale")
+        )
+    return trainable
+
+
+def _freeze_weight(gm: fx.GraphModule, node: fx.Node, spec: LayerSpec) -> None:
+    weight_node = node.args[1]
+    quantizer: FakeQuantizer = gm.get_submodule(spec.weight_quantizer)
+    with torch.no_grad():
+        constant = quantizer(gm.get_parameter(spec.weight)).detach().clone()
+    quantizer.register_buffer("frozen_weight", constant)
+    with gm.graph.inserting_before(weight_node):
+        frozen = gm.graph.get_attr(f"{spec.weight_quantizer}.frozen_weight")
+    weight_node.replace_all_uses_with(frozen)
+    if not weight_node.users:
+        parameter_node = weight_node.args[0]
+        gm.graph.erase_node(weight_node)
+        if not parameter_node.users:
+            gm.graph.erase_node(parameter_node)
+    node.meta["frozen"] = True
+    if node.target in _FROZEN_CONV_TARGETS and not isinstance(node.args[4] if len(node.args) > 4 else 0, str):
+        node.target = frozen_conv
+
+
+def freeze(gm: fx.GraphModule, train_other_params: bool = False) -> fx.GraphModule:
+    """Apply the selection (``LayerSpec.selected``, see ``select_layers``) to ``gm``.
+
+    Afterwards the parameters with ``requires_grad`` are exactly the selected layers'
+    weights, biases, weight step sizes and input step sizes (plus other parameters if
+    ``train_other_params``). Outputs are unchanged. Returns ``gm``, rewritten in place.
+    """
+    specs = [node.meta[META_KEY] for node in layer_nodes(gm)]
+    if any(spec.selected is None for spec in specs):
+        raise ConfigError("freeze needs a selection: run select_layers (or quantize with select=...) first")
+    trainable = trainable_names(gm, train_other_params)
+    for name, parameter in gm.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    for node in layer_nodes(gm):
+        spec: LayerSpec = node.meta[META_KEY]
+        if spec.weight is not None and spec.weight not in trainable:
+            _freeze_weight(gm, node, spec)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
