@@ -122,8 +122,8 @@ def unfuse_attention(model: nn.Module) -> dict[str, str]:
     ``TracedMultiheadAttention``.
 
     Returns module path -> what happened (``"unfused"``, or why it was kept: ``bias_k``/
-    ``add_zero_attn`` have no Linear form here; such a module stays opaque and its
-    ``out_proj`` is quantized as a leaf layer).
+    ``add_zero_attn`` have no Linear form here; such a module stays opaque and in float, and
+    ``coverage`` lists its projections as float layers).
     """
     outcome: dict[str, str] = {}
     for path, module in list(model.named_modules()):

@@ -20,6 +20,7 @@ and tracing starts again, until the rest of the model traces.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import os
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
@@ -165,15 +167,27 @@ def describe_trace_failure(error: BaseException, module_path: str | None) -> str
     )
 
 
-class _EagerModel(nn.Module):
-    """The whole model as one leaf, for a model whose own ``forward`` cannot be traced."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+def _eager_graph_module(model: nn.Module) -> fx.GraphModule:
+    """A GraphModule with one node that calls ``model`` (as the leaf ``model``) with the
+    arguments of its forward signature: for a model whose own forward cannot be traced."""
+    graph = fx.Graph()
+    args, kwargs = [], {}
+    for name, parameter in inspect.signature(model.forward).parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise TraceError(
+                f"the forward of {type(model).__name__} cannot be traced and takes *args/**kwargs, "
+                "so it cannot run as one leaf either; make the failing code a submodule or fix it"
+            )
+        default = () if parameter.default is parameter.empty else (parameter.default,)
+        placeholder = graph.placeholder(name, default_value=default[0] if default else inspect.Signature.empty)
+        if parameter.kind is parameter.KEYWORD_ONLY:
+            kwargs[name] = placeholder
+        else:
+            args.append(placeholder)
+    graph.output(graph.call_module("model", tuple(args), kwargs))
+    root = nn.Module()
+    root.model = model
+    return fx.GraphModule(root, graph, type(model).__name__)
 
 
 def structured_concrete_args(
@@ -184,16 +198,60 @@ def structured_concrete_args(
     A tensor argument stays a plain placeholder. An argument holding tensors inside dicts,
     lists or tuples maps to that structure with ``torch.fx.PH`` for each tensor, so FX makes
     one placeholder per tensor and the GraphModule still takes the nested structure. Any
-    other value (int, str, None, config objects) is fixed as a constant.
+    other given value (int, str, None, config objects) is fixed as a constant, and so is the
+    default of every argument not given (FX would otherwise trace it as a tensor).
     """
-    bound = inspect.signature(model.forward).bind_partial(*example_inputs, **(example_kwargs or {}))
+    signature = inspect.signature(model.forward)
+    bound = signature.bind_partial(*example_inputs, **(example_kwargs or {}))
     concrete: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        parameter = inspect.signature(model.forward).parameters[name]
-        if isinstance(value, torch.Tensor) or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
-        concrete[name] = pytree.tree_map(lambda v: fx.PH if isinstance(v, torch.Tensor) else v, value)
+        if name in bound.arguments:
+            value = bound.arguments[name]
+            if not isinstance(value, torch.Tensor):
+                concrete[name] = pytree.tree_map(lambda v: fx.PH if isinstance(v, torch.Tensor) else v, value)
+        elif parameter.default is not parameter.empty:
+            concrete[name] = parameter.default
     return concrete
+
+
+class _StructuredInputsCodeGen(_PyTreeCodeGen):
+    """FX's codegen for nested inputs, with the forward's defaults kept in its signature
+    (FX writes them into the unpacking line, which is then not valid Python)."""
+
+    def __init__(self, pytree_info: Any, defaults: dict[str, str]) -> None:
+        super().__init__(pytree_info)
+        self.defaults = defaults
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *, expanded_def: bool = False) -> str:
+        names = self.pytree_info.orig_args
+        if names and names[0] == "self":
+            free_vars.insert(0, "self")
+        signature = [f"{name}={self.defaults[name]}" if name in self.defaults else name for name in names]
+        definition = fx.graph.CodeGen.gen_fn_def(self, signature, maybe_return_annotation, expanded_def=expanded_def)
+        return definition + self.gen_var_bindings(names, free_vars, expanded_def)
+
+
+def _keep_defaults(graph: fx.Graph, model: nn.Module) -> None:
+    """Make a graph with nested inputs generate valid Python, callable without the arguments
+    the forward has (literal) defaults for."""
+    if not isinstance(graph._codegen, _PyTreeCodeGen):
+        return
+    defaults = {
+        name: repr(p.default) for name, p in inspect.signature(model.forward).parameters.items()
+        if p.default is not p.empty and _literal(p.default)
+    }
+    for node in graph.find_nodes(op="placeholder"):
+        node.args = ()
+    graph._codegen = _StructuredInputsCodeGen(graph._codegen.pytree_info, defaults)
+
+
+def _literal(value: object) -> bool:
+    try:
+        return ast.literal_eval(repr(value)) == value
+    except (ValueError, SyntaxError):
+        return False
 
 
 class _Failure(Exception):
@@ -218,6 +276,7 @@ def _trace_once(model: nn.Module, leaves: Sequence[type | str], concrete_args: d
             graph = tracer.trace(model, concrete_args)
     except Exception as error:
         raise _Failure(tracer.failed_module, error) from error
+    _keep_defaults(graph, model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -262,8 +321,8 @@ def trace(
                 raise failure.trace_error() from failure.error
             if failure.module_path is None:
                 auto_leaves.append(failure.auto_leaf("model"))
-                model = _EagerModel(model)
-                gm = _trace_once(model, ["model"], None)
+                gm = _eager_graph_module(model)
+                model = gm
                 break
             auto_leaves.append(failure.auto_leaf(failure.module_path))
             leaves.append(failure.module_path)
