@@ -8,7 +8,7 @@ the metadata the passes keep (``LayerSpec`` with its selection, ``QuantConfig``.
 
 Loading an untrusted file does not execute its code, because nothing in it names code: graph
 functions resolve only through an allow-list of torch functions, ``torch.nn.functional``,
-``operator`` and ``math``; methods and attributes are checked against Tensor's public API;
+``operator``, ``math`` and ptqat-fx's own graph functions (``frozen_conv``); methods and attributes are checked against Tensor's public API;
 module classes only come from ``torch.nn`` (plus ``FakeQuantizer``); and every name that
 reaches FX's generated source (placeholders, methods, keyword names) must be an identifier.
 Graphs calling anything else (a user's wrapped function, an ``autograd.Function`` node) are
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import importlib
 import inspect
 import json
 import keyword
@@ -69,6 +70,29 @@ def _allowed_functions() -> dict[str, Any]:
 
 _FUNCTIONS = _allowed_functions()
 _FUNCTION_NAMES = {id(function): name for name, function in reversed(list(_FUNCTIONS.items()))}
+# ptqat-fx's own graph functions (what the passes put in graphs), imported when first needed.
+_OWN_FUNCTIONS = ("ptqat_fx.frozen_conv.frozen_conv",)
+
+
+def _resolve_function(name: str) -> Any | None:
+    """The allowed function called ``name``, or None."""
+    if name in _FUNCTIONS:
+        return _FUNCTIONS[name]
+    if name not in _OWN_FUNCTIONS:
+        return None
+    module, _, attribute = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _function_name(target: Any) -> str | None:
+    """The allow-list name of ``target``, or None when it is not allowed."""
+    if id(target) in _FUNCTION_NAMES:
+        return _FUNCTION_NAMES[id(target)]
+    name = f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
+    return name if name in _OWN_FUNCTIONS and _resolve_function(name) is target else None
 
 
 def _check_identifier(name: Any, what: str) -> str:
@@ -235,14 +259,15 @@ def _describe_node(node: fx.Node) -> dict[str, Any]:
     where = f"node {node.name!r}"
     target = node.target
     if node.op == "call_function":
-        if id(target) not in _FUNCTION_NAMES:
+        name = _function_name(target)
+        if name is None:
             raise SerializationError(
                 f"{where} calls {getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)!r}, "
                 "which is not a torch function, torch.nn.functional function or operator; save() refuses "
                 "it because load() must not run code from the file (autograd.Function and torch.fx.wrap "
                 "nodes cannot be saved)"
             )
-        target = _FUNCTION_NAMES[id(target)]
+        target = name
     meta = {}
     for key, value in node.meta.items():
         try:
@@ -308,9 +333,10 @@ def _rebuild_graph(nodes: list[dict[str, Any]], modules: set[str], attributes: s
         if op == "placeholder":
             _check_identifier(target, "placeholder")
         elif op == "call_function":
-            if target not in _FUNCTIONS:
+            function = _resolve_function(target) if isinstance(target, str) else None
+            if function is None:
                 raise SerializationError(f"node {name!r} calls {target!r}, which is not an allowed function")
-            target = _FUNCTIONS[target]
+            target = function
         elif op == "call_method":
             if _check_identifier(target, "method").startswith("_") or target in _DENIED_METHODS or not hasattr(torch.Tensor, target):
                 raise SerializationError(f"node {name!r}: method {target!r} is not an allowed Tensor method")

@@ -112,3 +112,18 @@ def test_modules_that_need_code_are_refused_at_save(tmp_path):
     with pytest.raises(ptqat_fx.SerializationError, match="module '1' is a .*Scale.*rebuilds only torch.nn"):
         ptqat_fx.save(qmodel, tmp_path / "m.ptqat")
     assert not (tmp_path / "m.ptqat").exists()
+
+
+def test_frozen_model_round_trips(tmp_path):
+    freeze = pytest.importorskip("ptqat_fx.passes.freeze").freeze
+    qmodel = quantized("resnet", 4).train()
+    for index, spec in enumerate(layer_specs(qmodel)):
+        spec.selected = index % 2 == 0
+    frozen = freeze(qmodel)
+    ptqat_fx.save(frozen, tmp_path / "f.ptqat")
+    loaded = ptqat_fx.load(tmp_path / "f.ptqat")
+    x = example_input("resnet")
+    assert torch.equal(loaded(x), frozen(x)) and _structure(loaded) == _structure(frozen)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        n for n, p in frozen.named_parameters() if p.requires_grad
+    ]

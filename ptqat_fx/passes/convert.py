@@ -22,11 +22,13 @@ lowerings store the same integers.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.proxy import GraphAppendingTracer
 
 from ..errors import CalibrationError, InputError
 from ..layer_spec import META_KEY, layer_nodes, layer_specs
@@ -58,11 +60,15 @@ class IntegerWeight:
 
     def broadcast_scale(self) -> torch.Tensor:
         """``scale`` shaped to multiply ``values`` directly."""
-        if self.axis is None:
-            return self.scale.reshape(())
-        shape = [1] * self.values.dim()
-        shape[self.axis] = -1
-        return self.scale.reshape(shape)
+        return _broadcast_scale(self.scale, self.values.dim(), self.axis)
+
+
+def _broadcast_scale(scale: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return scale.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
 
 
 def require_lowerable(gm: fx.GraphModule) -> None:
@@ -105,8 +111,8 @@ def integer_weight(gm: fx.GraphModule, node: fx.Node) -> IntegerWeight | None:
         return None
     weight = _fetch(gm, node.target if node.op == "get_attr" else path).detach()
     scale = quantizer.scale.detach().float()
-    result = IntegerWeight(path, weight, scale, quantizer.channel_axis, quantizer.bits)
-    values = (weight.float() / result.broadcast_scale()).clamp(quantizer.qmin, quantizer.qmax).round()
+    step = _broadcast_scale(scale, weight.dim(), quantizer.channel_axis)
+    values = (weight.float() / step).clamp(quantizer.qmin, quantizer.qmax).round()
     return IntegerWeight(path, values.to(torch.int8), scale, quantizer.channel_axis, quantizer.bits)
 
 
@@ -119,6 +125,15 @@ def restore_layer_functions(gm: fx.GraphModule) -> None:
             node.target = function
 
 
+def quantize_dequantize(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Explicit quantize (``round(clamp(x / scale))`` stored as ``dtype``) then dequantize
+    (times ``scale``): the fake-quantizer's arithmetic, op for op. Plain tensor ops, so it
+    also traces (``convert`` records it into the graph)."""
+    return torch.round(torch.clamp(torch.div(x, scale), qmin, qmax)).to(dtype) * scale
+
+
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
     """Two signed 4-bit values per byte (element 2i in the low nibble), flattened; an odd
     count is padded with a zero."""
@@ -129,12 +144,11 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Inverse of ``pack_int4``: the int8 tensor of ``shape``."""
+    """Inverse of ``pack_int4``: the int8 tensor of ``shape``. Plain tensor ops, so it also
+    traces (``convert`` records it into the graph)."""
     nibbles = torch.stack([packed & 0xF, packed >> 4], -1).flatten().to(torch.int8)
-    count = 1
-    for size in shape:
-        count *= size
-    return ((nibbles ^ 8) - 8)[:count].reshape(shape)
+    count = math.prod(shape)
+    return ((nibbles ^ 8) - 8)[:count].reshape(tuple(shape))
 
 
 def _fetch(gm: nn.Module, path: str) -> torch.Tensor:
@@ -169,22 +183,11 @@ class _Lowering:
         with graph.inserting_before(node):
             values = graph.get_attr(values_path)
             if packed:
-                values = self._unpack(values, tuple(weight.values.shape))
+                # The same function, run on a Proxy, writes its ops into the graph.
+                values = unpack_int4(fx.Proxy(values, GraphAppendingTracer(graph)), weight.values.shape).node
             dequantized = graph.call_function(torch.mul, (values, graph.get_attr(scale_path)))
         dequantized.meta[CONVERT_KEY] = {"weight": weight.path, "bits": weight.bits, "packed": packed}
         return dequantized
-
-    def _unpack(self, packed: fx.Node, shape: tuple[int, ...]) -> fx.Node:
-        graph = self.graph
-        low = graph.call_function(torch.bitwise_and, (packed, 0xF))
-        high = graph.call_function(torch.bitwise_right_shift, (packed, 4))
-        pairs = graph.call_function(torch.stack, ([low, high], -1))
-        nibbles = graph.call_method("to", (graph.call_function(torch.flatten, (pairs,)), torch.int8))
-        signed = graph.call_function(torch.sub, (graph.call_function(torch.bitwise_xor, (nibbles, 8)), 8))
-        count = 1
-        for size in shape:
-            count *= size
-        return graph.call_method("reshape", (graph.call_function(torch.narrow, (signed, 0, 0, count)), shape))
 
     def activation(self, node: fx.Node, quantizer: FakeQuantizer) -> fx.Node:
         graph = self.graph
@@ -197,11 +200,9 @@ class _Lowering:
             self.stored.add(node.target)
         integer = torch.int8 if quantizer.signed else torch.uint8
         with graph.inserting_before(node):
-            scale = graph.get_attr(scale_path)
-            scaled = graph.call_function(torch.div, (node.args[0], scale))
-            clamped = graph.call_function(torch.clamp, (scaled, quantizer.qmin, quantizer.qmax))
-            quantized = graph.call_method("to", (graph.call_function(torch.round, (clamped,)), integer))
-            dequantized = graph.call_function(torch.mul, (quantized, scale))
+            tracer = GraphAppendingTracer(graph)
+            x, scale = fx.Proxy(node.args[0], tracer), fx.Proxy(graph.get_attr(scale_path), tracer)
+            dequantized = quantize_dequantize(x, scale, quantizer.qmin, quantizer.qmax, integer).node
         dequantized.meta[CONVERT_KEY] = {"activation": node.target, "bits": quantizer.bits, "signed": quantizer.signed}
         return dequantized
 

@@ -110,3 +110,17 @@ def test_uncalibrated_model_cannot_be_exported(tmp_path):
     with pytest.raises(ptqat_fx.CalibrationError, match="input_quantizers.relu"):
         ptqat_fx.export_onnx(gm, (x,), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unsigned_activations_export_as_uint8(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    config = ptqat_fx.QuantConfig(w_bits=8, unsigned_activations=True, a_observer="minmax")
+    qmodel = ptqat_fx.quantize(model, (x,), [x], config, progress=False).eval()
+    onnx_model = ptqat_fx.export_onnx(qmodel, (x,), tmp_path / "m.onnx")
+    initializers = {init.name: init.data_type for init in onnx_model.graph.initializer}
+    zero_points = [initializers[n.input[2]] for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"]
+    assert sorted(zero_points) == sorted([TensorProto.INT8, TensorProto.UINT8])  # input signed, after ReLU unsigned
+    for runtime, result in agreement(tmp_path / "m.onnx", ptqat_fx.convert(qmodel), (x,)).items():
+        assert result.max_abs_error <= 1e-5, runtime
