@@ -4,12 +4,15 @@ from .config import QuantConfig, Select
 from .errors import CalibrationError, ConfigError, InputError, PTQATError, SerializationError, TraceError
 from .export.onnx import export_onnx
 from .passes.convert import convert
+from .report import Report, report
 from .serialization import load, save
 
 __all__ = [
     "quantize",
     "QuantConfig",
     "Select",
+    "report",
+    "Report",
     "PTQATError",
     "ConfigError",
     "TraceError",

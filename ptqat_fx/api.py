@@ -10,15 +10,18 @@ import torch
 from torch import fx, nn
 
 from .attention import unfuse_attention
-from .config import QuantConfig
+from .config import QuantConfig, Select
 from .coverage import coverage
 from .errors import InputError
 from .passes.annotate import annotate
 from .passes.calibrate import calibrate
+from .passes.discrepancy import discrepancy
 from .passes.fold_bn import fold_bn
+from .passes.freeze import freeze
 from .passes.insert_quantizers import insert_quantizers
 from .passes.quantize_joins import quantize_joins
 from .passes.quantize_leaves import quantize_leaves
+from .passes.select import select_layers
 from .tracing import trace
 
 
@@ -48,17 +51,19 @@ def quantize(
     example_inputs: tuple,
     calib_data: Iterable[Any] | None = None,
     config: QuantConfig | None = None,
+    select: Select | None = Select(),
     *,
     leaf_modules: Sequence[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     strict: bool = False,
     progress: bool = True,
 ) -> fx.GraphModule:
-    """Trace ``model`` and return a calibrated fake-quant ``GraphModule``.
+    """Quantize ``model`` with PTQAT: a calibrated fake-quant ``GraphModule`` in which only
+    the selected layers are trainable.
 
     The stages are the public passes ``trace -> fold_bn -> annotate -> insert_quantizers ->
-    calibrate``; each can be called on its own. ``model`` and its parameters are not touched:
-    the pipeline works on a deep copy.
+    calibrate -> discrepancy -> select_layers -> freeze``; each can be called on its own.
+    ``model`` and its parameters are not touched: the pipeline works on a deep copy.
 
     Args:
         model: any ``nn.Module`` torch.fx can trace (see ``leaf_modules``).
@@ -67,6 +72,9 @@ def quantize(
         calib_data: iterable of batches for PTQ calibration: tensors, or tuples whose first
             ``len(example_inputs)`` items are the inputs (labels after them are ignored).
         config: bits, observers, skipped layers; ``QuantConfig()`` (W4A8) by default.
+        select: which layers stay trainable; PTQAT's rule ``Select("small", fraction=0.5)``
+            by default (ranked by the discrepancy measured on ``calib_data``). ``None`` stops
+            after calibration: every quantizer and parameter trainable, no analysis.
         leaf_modules: module classes or paths kept opaque by the tracer.
         concrete_args: forward arguments fixed at trace time. Example inputs holding dicts or
             lists of tensors are traced through, and non-tensor ones fixed, without it.
@@ -102,6 +110,11 @@ def quantize(
             f"{type(model).__name__} has no quantizable layer (conv, linear, matmul): the returned "
             "model computes in float; nothing for quantization to do", stacklevel=2,
         )
-    gm = calibrate(gm, calib_data if calib_data is not None else [example_inputs], len(example_inputs), progress=progress)
+    data = calib_data if calib_data is not None else [example_inputs]
+    gm = calibrate(gm, data, len(example_inputs), progress=progress)
+    if select is not None:
+        gm = discrepancy(gm, data, len(example_inputs), modes=(select.mode,), progress=progress)
+        gm = select_layers(gm, select)
+        gm = freeze(gm, select.train_other_params)
     gm.train(model.training)
     return gm

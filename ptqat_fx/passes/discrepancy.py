@@ -89,7 +89,9 @@ class DiscrepancyInterpreter(fx.Interpreter):
             value = super().run_node(n)
             return _Both(value, value)
         float_args, float_kwargs = self._side(n, "float")
-        float_out = getattr(self, n.op)(n.target, float_args, float_kwargs)
+        # Layers fused with their input quantizers (freeze) name their float form.
+        float_target = getattr(n.target, "float_reference", n.target)
+        float_out = getattr(self, n.op)(float_target, float_args, float_kwargs)
         if n.op == "output":
             return float_out
         if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), FakeQuantizer):

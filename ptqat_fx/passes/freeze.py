@@ -12,6 +12,10 @@ every step and keep their inputs for backward. For every frozen layer this pass
 * turns ``F.conv{1,2,3}d`` into ``frozen_conv``, which keeps only the weight for backward
   (``F.linear`` already does when its weight needs no gradient).
 
+Every selected (trainable) layer is fused with its input quantizers into one
+``quantized_linear`` / ``quantized_conv`` / ``quantized_matmul`` call that keeps only the
+unquantized input for backward and recomputes the quantized one.
+
 Where nothing trainable lies upstream of a frozen layer, no input needs a gradient and
 autograd records nothing for it. A quantizer or weight shared with a selected layer stays
 trainable. Parameters outside quantizable layers (norms, embeddings) are frozen unless
@@ -26,9 +30,13 @@ from torch import fx
 from ..errors import ConfigError
 from ..frozen_conv import frozen_conv
 from ..layer_spec import META_KEY, LayerSpec, layer_nodes
-from ..quantizer import FakeQuantizer
+from ..quantized_layers import quantized_conv, quantized_linear, quantized_matmul
+from ..quantizer import FakeQuantizer, is_quantizer_node
+from .annotate import MATMUL_FUNCTIONS, MATMUL_METHODS
+from .unfuse import FUSED_FROM_KEY
 
 _FROZEN_CONV_TARGETS = {F.conv1d, F.conv2d, F.conv3d}
+_FUSED = {F.linear: quantized_linear, F.conv1d: quantized_conv, F.conv2d: quantized_conv, F.conv3d: quantized_conv}
 
 
 def trainable_names(gm: fx.GraphModule, train_other_params: bool = False) -> set[str]:
@@ -67,8 +75,52 @@ def _freeze_weight(gm: fx.GraphModule, node: fx.Node, spec: LayerSpec) -> None:
         if not parameter_node.users:
             gm.graph.erase_node(parameter_node)
     node.meta["frozen"] = True
-    if node.target in _FROZEN_CONV_TARGETS and not isinstance(node.args[4] if len(node.args) > 4 else 0, str):
+    if node.target in _FROZEN_CONV_TARGETS and not _padding_is_text(node):
         node.target = frozen_conv
+
+
+def _padding_is_text(node: fx.Node) -> bool:
+    return isinstance(node.args[4] if len(node.args) > 4 else 0, str)
+
+
+def _quantizer_operand(gm: fx.GraphModule, operand: object) -> tuple | None:
+    """(source, scale node, qmin, qmax) for an operand made by a per-tensor quantizer."""
+    if not (isinstance(operand, fx.Node) and is_quantizer_node(gm, operand)):
+        return None
+    quantizer: FakeQuantizer = gm.get_submodule(operand.target)
+    if quantizer.channel_axis is not None:
+        return None
+    with gm.graph.inserting_before(operand):
+        scale = gm.graph.get_attr(f"{operand.target}.scale")
+    return operand.args[0], scale, quantizer.qmin, quantizer.qmax
+
+
+def _fuse_input_quantizers(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Rewrite a trainable layer into its quantized_* form, if its inputs allow."""
+    is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in MATMUL_METHODS
+    )
+    plain = (node.op, node.target)
+    if is_matmul:
+        if len(node.args) != 2 or node.kwargs:
+            return
+        operands = [_quantizer_operand(gm, arg) for arg in node.args]
+        if None in operands:
+            return
+        replaced, node.op, node.target = node.args, "call_function", quantized_matmul
+        node.args = (*operands[0], *operands[1])
+    elif node.target in _FUSED and not node.kwargs and not _padding_is_text(node):
+        operand = _quantizer_operand(gm, node.args[0])
+        if operand is None:
+            return
+        replaced, node.target = node.args[:1], _FUSED[node.target]
+        node.args = (*operand, *node.args[1:])
+    else:
+        return
+    node.meta[FUSED_FROM_KEY] = plain
+    for quantizer_node in replaced:
+        if not quantizer_node.users:
+            gm.graph.erase_node(quantizer_node)
 
 
 def freeze(gm: fx.GraphModule, train_other_params: bool = False) -> fx.GraphModule:
@@ -88,6 +140,8 @@ def freeze(gm: fx.GraphModule, train_other_params: bool = False) -> fx.GraphModu
         spec: LayerSpec = node.meta[META_KEY]
         if spec.weight is not None and spec.weight not in trainable:
             _freeze_weight(gm, node, spec)
+        elif spec.selected:
+            _fuse_input_quantizers(gm, node)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -1,0 +1,144 @@
+"""``report(gm)``: what was quantized, what each layer's discrepancy is, what PTQAT trains."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from .config import QuantConfig, Select
+from .layer_spec import layer_specs
+from .tracing import AUTO_LEAVES_KEY
+
+
+@dataclass
+class LayerRow:
+    """One quantizable layer in the report."""
+
+    index: int
+    name: str
+    kind: str
+    params: int
+    w_bits: int | None
+    a_bits: int | None
+    discrepancy: float | None
+    selected: bool | None
+    trainable_params: int
+
+
+@dataclass
+class Report:
+    """Per-layer table and totals of a quantized model; ``str(report)`` renders it.
+
+    Attributes:
+        rows: one ``LayerRow`` per quantizable layer, in graph order.
+        key: the discrepancy shown (``"<mode>.<metric>"``), the one selection ranked by.
+        select: the selection rule, or None if no selection ran.
+        config: the quantization config.
+        quantizable_params / trainable_quantizable_params: weights and biases of all
+            quantizable layers, and of the trainable ones.
+        trainable_params / total_params: every parameter of the model (step sizes included).
+        notes: remarks a user should not miss (nothing selected, auto-leaves...).
+    """
+
+    rows: list[LayerRow]
+    key: str
+    select: Select | None
+    config: QuantConfig | None
+    quantizable_params: int
+    trainable_quantizable_params: int
+    trainable_params: int
+    total_params: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def selected(self) -> list[str]:
+        return [row.name for row in self.rows if row.selected]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the report."""
+        return {
+            "key": self.key,
+            "select": repr(self.select),
+            "config": repr(self.config),
+            "quantizable_params": self.quantizable_params,
+            "trainable_quantizable_params": self.trainable_quantizable_params,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "notes": self.notes,
+            "layers": [vars(row) for row in self.rows],
+        }
+
+    def __str__(self) -> str:
+        width = max([len(row.name) for row in self.rows] + [5])
+        header = f"{'#':>3}  {'layer':<{width}}  {'kind':<16} {'params':>10} {'bits':>5}  {self.key:>22}  {'train':>5}"
+        lines = [header, "-" * len(header)]
+        for row in self.rows:
+            bits = f"W{row.w_bits}A{row.a_bits}" if row.w_bits else f"A{row.a_bits}"
+            value = "-" if row.discrepancy is None else f"{row.discrepancy:.4g}"
+            train = {True: "yes", False: "no", None: "-"}[row.selected]
+            lines.append(
+                f"{row.index:>3}  {row.name:<{width}}  {row.kind:<16} {row.params:>10,} {bits:>5}  {value:>22}  {train:>5}"
+            )
+        share = self.trainable_quantizable_params / self.quantizable_params if self.quantizable_params else 0.0
+        lines.append("-" * len(header))
+        chosen = sum(bool(row.selected) for row in self.rows)
+        rule = f"select={self.select.strategy}" if self.select else "no selection (all trainable)"
+        lines.append(
+            f"{len(self.rows)} quantizable layers, {chosen} trainable ({rule}); "
+            f"trainable layer parameters {self.trainable_quantizable_params:,} / {self.quantizable_params:,} ({share:.1%}); "
+            f"all trainable parameters {self.trainable_params:,} / {self.total_params:,}"
+        )
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _notes(rows: list[LayerRow], select: Select | None, gm: fx.GraphModule) -> list[str]:
+    notes = []
+    chosen = sum(bool(row.selected) for row in rows)
+    if select is not None and select.theta is not None and select.strategy in ("small", "large"):
+        if chosen == 0:
+            notes.append(f"theta={select.theta} selected no layer: the model stays pure PTQ")
+        elif chosen == len(rows):
+            notes.append(f"theta={select.theta} selected every layer: this is full QAT")
+    for leaf in gm.meta.get(AUTO_LEAVES_KEY, []):
+        notes.append(
+            f"auto-leaf {leaf.path!r} runs eagerly ({leaf.error}); its layers are quantized at "
+            "module level, not analysed, and stay frozen"
+        )
+    return notes
+
+
+def report(gm: fx.GraphModule, key: str | None = None) -> Report:
+    """The report of a model returned by ``quantize`` (or by the passes in order).
+
+    Args:
+        gm: the quantized GraphModule.
+        key: the discrepancy to show, ``"<mode>.<metric>"``; by default the one the selection
+            ranked by (``accumulated.relative`` unless the Select said otherwise).
+    """
+    select: Select | None = gm.meta.get("ptqat_select")
+    key = key or (f"{select.mode}.{select.metric}" if select else "accumulated.relative")
+    rows = []
+    for spec in layer_specs(gm):
+        trainable = 0
+        for path in (spec.weight, spec.bias):
+            if path is not None and gm.get_parameter(path).requires_grad:
+                trainable += gm.get_parameter(path).numel()
+        rows.append(
+            LayerRow(spec.index, spec.name, spec.kind, spec.params, spec.w_bits, spec.a_bits,
+                     spec.discrepancy.get(key), spec.selected, trainable)
+        )
+    trainable_quantizable = sum(row.trainable_params for row in rows)
+    parameters = list(gm.parameters())
+    return Report(
+        rows=rows,
+        key=key,
+        select=select,
+        config=gm.meta.get("ptqat_config"),
+        quantizable_params=sum(row.params for row in rows),
+        trainable_quantizable_params=trainable_quantizable,
+        trainable_params=sum(p.numel() for p in parameters if p.requires_grad),
+        total_params=sum(p.numel() for p in parameters),
+        notes=_notes(rows, select, gm),
+    )
