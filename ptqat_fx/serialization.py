@@ -8,7 +8,8 @@ the metadata the passes keep (``LayerSpec`` with its selection, ``QuantConfig``.
 
 Loading an untrusted file does not execute its code, because nothing in it names code: graph
 functions resolve only through an allow-list of torch functions, ``torch.nn.functional``,
-``operator``, ``math`` and ptqat-fx's own graph functions (``frozen_conv``); methods and attributes are checked against Tensor's public API;
+``operator``, ``math`` and ptqat-fx's own graph functions (``frozen_conv``,
+``quantized_linear``...); methods and attributes are checked against Tensor's public API;
 module classes only come from ``torch.nn`` (plus ``FakeQuantizer``); and every name that
 reaches FX's generated source (placeholders, methods, keyword names) must be an identifier.
 Graphs calling anything else (a user's wrapped function, an ``autograd.Function`` node) are
@@ -71,7 +72,12 @@ def _allowed_functions() -> dict[str, Any]:
 _FUNCTIONS = _allowed_functions()
 _FUNCTION_NAMES = {id(function): name for name, function in reversed(list(_FUNCTIONS.items()))}
 # ptqat-fx's own graph functions (what the passes put in graphs), imported when first needed.
-_OWN_FUNCTIONS = ("ptqat_fx.frozen_conv.frozen_conv",)
+_OWN_FUNCTIONS = (
+    "ptqat_fx.frozen_conv.frozen_conv",
+    "ptqat_fx.quantized_layers.quantized_linear",
+    "ptqat_fx.quantized_layers.quantized_conv",
+    "ptqat_fx.quantized_layers.quantized_matmul",
+)
 
 
 def _resolve_function(name: str) -> Any | None:
@@ -122,6 +128,8 @@ def _encode(value: Any, where: str) -> Any:
             return {kind.__name__: str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
         return {"device": str(value)}
+    if callable(value) and _function_name(value) is not None:
+        return {"function": _function_name(value)}
     if dataclasses.is_dataclass(value) and type(value).__name__ in _DATACLASSES:
         fields = {f.name: _encode(getattr(value, f.name), where) for f in dataclasses.fields(value)}
         return {"dataclass": type(value).__name__, "fields": fields}
@@ -155,6 +163,8 @@ def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
         return result
     if tag == "device":
         return torch.device(payload)
+    if tag == "function" and _resolve_function(payload) is not None:
+        return _resolve_function(payload)
     if tag == "dataclass" and payload in _DATACLASSES:
         fields = {k: _decode(v, env) for k, v in value["fields"].items()}
         return _DATACLASSES[payload](**fields)

@@ -114,16 +114,16 @@ def test_modules_that_need_code_are_refused_at_save(tmp_path):
     assert not (tmp_path / "m.ptqat").exists()
 
 
-def test_frozen_model_round_trips(tmp_path):
-    freeze = pytest.importorskip("ptqat_fx.passes.freeze").freeze
-    qmodel = quantized("resnet", 4).train()
-    for index, spec in enumerate(layer_specs(qmodel)):
-        spec.selected = index % 2 == 0
-    frozen = freeze(qmodel)
-    ptqat_fx.save(frozen, tmp_path / "f.ptqat")
-    loaded = ptqat_fx.load(tmp_path / "f.ptqat")
-    x = example_input("resnet")
-    assert torch.equal(loaded(x), frozen(x)) and _structure(loaded) == _structure(frozen)
+def test_ptqat_model_round_trips(tmp_path):
+    """Frozen constants, frozen_conv and the fused quantized_* calls are saved too."""
+    ptqat = quantized("vit", 4, select=ptqat_fx.Select()).train()
+    ptqat_fx.save(ptqat, tmp_path / "p.ptqat")
+    loaded = ptqat_fx.load(tmp_path / "p.ptqat")
+    x = example_input("vit")
+    assert torch.equal(loaded(x), ptqat(x)) and _structure(loaded) == _structure(ptqat)
+    assert layer_specs(loaded) == layer_specs(ptqat)
     assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
-        n for n, p in frozen.named_parameters() if p.requires_grad
+        n for n, p in ptqat.named_parameters() if p.requires_grad
     ]
+    # What unfuse needs (each fused node's plain form) survives, so the loaded model lowers.
+    assert torch.equal(ptqat_fx.convert(loaded)(x), ptqat_fx.convert(ptqat)(x))

@@ -32,7 +32,7 @@ from onnx import TensorProto, defs, helper, numpy_helper
 from torch import fx
 
 from ..errors import InputError
-from ..passes.convert import IntegerWeight, integer_weight, require_lowerable, restore_layer_functions
+from ..passes.convert import IntegerWeight, deployable_layers, integer_weight, require_lowerable
 from ..quantizer import FakeQuantizer, is_quantizer_node
 
 DOMAIN = "ptqat_fx"
@@ -116,7 +116,7 @@ def marker_graph(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[IntegerWe
     """A copy of ``qmodel`` whose quantizers are ``torch.ops.ptqat_fx.qdq`` markers, and the
     table the markers' indices point into."""
     require_lowerable(qmodel)
-    gm = copy.deepcopy(qmodel)
+    gm = deployable_layers(copy.deepcopy(qmodel))
     table: list[IntegerWeight | ActivationQuant] = []
     for node in list(gm.graph.nodes):
         entry: IntegerWeight | ActivationQuant | None = integer_weight(gm, node)
@@ -133,7 +133,6 @@ def marker_graph(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[IntegerWe
         node.replace_all_uses_with(marker, delete_user_cb=lambda user: user is not marker)
         if node is not source:
             gm.graph.erase_node(node)
-    restore_layer_functions(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -31,8 +31,10 @@ from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer
 
 from ..errors import CalibrationError, InputError
+from ..frozen_conv import frozen_conv
 from ..layer_spec import META_KEY, layer_nodes, layer_specs
-from ..quantizer import FakeQuantizer, is_quantizer_node, quantizers
+from ..quantizer import FakeQuantizer, _broadcast, is_quantizer_node, quantizers
+from .unfuse import unfuse
 
 CONVERT_KEY = "ptqat_convert"
 FROZEN_WEIGHT = "frozen_weight"
@@ -60,15 +62,7 @@ class IntegerWeight:
 
     def broadcast_scale(self) -> torch.Tensor:
         """``scale`` shaped to multiply ``values`` directly."""
-        return _broadcast_scale(self.scale, self.values.dim(), self.axis)
-
-
-def _broadcast_scale(scale: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return scale.reshape(())
-    shape = [1] * ndim
-    shape[axis] = -1
-    return scale.reshape(shape)
+        return _broadcast(self.scale, self.values.dim(), self.axis)
 
 
 def require_lowerable(gm: fx.GraphModule) -> None:
@@ -111,18 +105,39 @@ def integer_weight(gm: fx.GraphModule, node: fx.Node) -> IntegerWeight | None:
         return None
     weight = _fetch(gm, node.target if node.op == "get_attr" else path).detach()
     scale = quantizer.scale.detach().float()
-    step = _broadcast_scale(scale, weight.dim(), quantizer.channel_axis)
+    step = _broadcast(scale, weight.dim(), quantizer.channel_axis)
     values = (weight.float() / step).clamp(quantizer.qmin, quantizer.qmax).round()
     return IntegerWeight(path, values.to(torch.int8), scale, quantizer.channel_axis, quantizer.bits)
 
 
-def restore_layer_functions(gm: fx.GraphModule) -> None:
-    """Give frozen convolutions back their torch function: the training-only form ``freeze``
-    uses (``frozen_conv``, an autograd.Function) computes the same forward."""
+def _share_quantizer_calls(gm: fx.GraphModule) -> None:
+    """One call per quantizer and input, as ``insert_quantizers`` made them: the first in
+    graph order serves the later ones."""
+    first: dict[tuple, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if is_quantizer_node(gm, node):
+            key = (node.target, node.args[0])
+            if key in first:
+                node.replace_all_uses_with(first[key])
+                gm.graph.erase_node(node)
+            else:
+                first[key] = node
+
+
+def deployable_layers(gm: fx.GraphModule) -> fx.GraphModule:
+    """Give the layers ``freeze`` rewrote for training their plain torch form, which computes
+    the same forward: fused ``quantized_*`` calls become their input quantizers' calls and the
+    layer (``unfuse``), ``frozen_conv`` becomes ``F.conv{1,2,3}d``, and each quantizer is
+    called once per input. Returns ``gm``, rewritten in place; ``convert`` and
+    ``export_onnx`` start with it."""
+    unfuse(gm)
     for node in layer_nodes(gm):
-        function = _CONV_FUNCTIONS.get(node.meta[META_KEY].kind)
-        if node.meta.get("frozen") and function is not None and node.op == "call_function":
-            node.target = function
+        if node.op == "call_function" and node.target is frozen_conv:
+            node.target = _CONV_FUNCTIONS[node.meta[META_KEY].kind]
+    _share_quantizer_calls(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def quantize_dequantize(
@@ -223,14 +238,19 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.Gr
         CalibrationError: a quantizer was never calibrated.
     """
     require_lowerable(qmodel)
-    gm = copy.deepcopy(qmodel)
+    gm = deployable_layers(copy.deepcopy(qmodel))
     lowering = _Lowering(gm, pack_int4_weights)
-    for node in list(gm.graph.nodes):
-        weight = integer_weight(gm, node)
+    # Planned before rewriting: lowering an activation quantizer replaces its module, which
+    # later calls of the same quantizer would no longer be recognised by.
+    plan = [
+        (node, integer_weight(gm, node), gm.get_submodule(node.target) if is_quantizer_node(gm, node) else None)
+        for node in gm.graph.nodes
+    ]
+    for node, weight, quantizer in plan:
         if weight is not None:
             replacement = lowering.weight(node, weight)
-        elif is_quantizer_node(gm, node):
-            replacement = lowering.activation(node, gm.get_submodule(node.target))
+        elif quantizer is not None:
+            replacement = lowering.activation(node, quantizer)
         else:
             continue
         source = node.args[0] if node.args else None
@@ -238,7 +258,6 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.Gr
         gm.graph.erase_node(node)
         if source is not None and source.op == "get_attr" and not source.users:
             gm.graph.erase_node(source)
-    restore_layer_functions(gm)
     used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
     for path in lowering.float_weights - used:
         owner, _, leaf = path.rpartition(".")

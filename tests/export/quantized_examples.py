@@ -23,14 +23,15 @@ def example_input(name: str, seed: int = 1) -> torch.Tensor:
 
 
 @functools.cache
-def _quantized(name: str, w_bits: int, a_bits: int) -> fx.GraphModule:
+def _quantized(name: str, w_bits: int, a_bits: int, select: ptqat_fx.Select | None) -> fx.GraphModule:
     build, _ = EXAMPLES[name]
     calibration = [example_input(name, seed) for seed in (2, 3)]
     # minmax: the lowering tests need calibrated scales, not the best ones (MSE search is slow).
     config = ptqat_fx.QuantConfig(w_bits=w_bits, a_bits=a_bits, w_observer="minmax", a_observer="minmax")
-    return ptqat_fx.quantize(build(), (calibration[0],), calibration, config, progress=False).eval()
+    return ptqat_fx.quantize(build(), (calibration[0],), calibration, config, select, progress=False).eval()
 
 
-def quantized(name: str, w_bits: int, a_bits: int = 8) -> fx.GraphModule:
-    """A calibrated fake-quant copy of example ``name`` in eval mode (the caller may change it)."""
-    return copy.deepcopy(_quantized(name, w_bits, a_bits))
+def quantized(name: str, w_bits: int, a_bits: int = 8, select: ptqat_fx.Select | None = None) -> fx.GraphModule:
+    """A calibrated copy of example ``name`` in eval mode (the caller may change it): plain
+    fake-quant, or with ``select`` the PTQAT model (selected layers fused, the rest frozen)."""
+    return copy.deepcopy(_quantized(name, w_bits, a_bits, select))

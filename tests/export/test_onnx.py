@@ -124,3 +124,16 @@ def test_unsigned_activations_export_as_uint8(tmp_path):
     assert sorted(zero_points) == sorted([TensorProto.INT8, TensorProto.UINT8])  # input signed, after ReLU unsigned
     for runtime, result in agreement(tmp_path / "m.onnx", ptqat_fx.convert(qmodel), (x,)).items():
         assert result.max_abs_error <= 1e-5, runtime
+
+
+def test_ptqat_model_exports_like_its_fake_quant_form(tmp_path):
+    """Fused trainable layers (quantized_linear/conv/matmul) and frozen constants export to the
+    same Q/DQ graph as the plain fake-quant model."""
+    x = example_input("vit")
+    ptqat = quantized("vit", 4, select=ptqat_fx.Select())
+    exported = ptqat_fx.export_onnx(ptqat, (x,), tmp_path / "p.onnx")
+    plain = ptqat_fx.export_onnx(quantized("vit", 4), (x,), tmp_path / "f.onnx")
+    assert sorted(n.op_type for n in exported.graph.node) == sorted(n.op_type for n in plain.graph.node)
+    assert {i.name: i.data_type for i in exported.graph.initializer} == {i.name: i.data_type for i in plain.graph.initializer}
+    for runtime, result in agreement(tmp_path / "p.onnx", ptqat_fx.convert(ptqat), (x,)).items():
+        assert result.max_abs_error <= 8 * _output_step(quantized("vit", 4)), runtime

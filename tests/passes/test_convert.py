@@ -100,17 +100,16 @@ def test_uncalibrated_model_is_refused_naming_the_quantizer():
     assert gm(x).shape == (8, 10)
 
 
-def test_frozen_layers_lower_to_the_same_integers():
-    freeze = pytest.importorskip("ptqat_fx.passes.freeze").freeze
-    qmodel = quantized("resnet", 4)
-    for index, spec in enumerate(layer_specs(qmodel)):
-        spec.selected = index % 2 == 0
+def test_ptqat_model_lowers_to_the_same_integers():
+    """Frozen layers (constant weights, frozen_conv) and fused trainable ones
+    (quantized_conv/linear) lower exactly like their fake-quant form."""
+    ptqat = quantized("resnet", 4, select=ptqat_fx.Select())
+    kinds = {getattr(n.target, "__name__", "") for n in ptqat.graph.nodes if n.op == "call_function"}
+    assert {"frozen_conv", "quantized_conv"} <= kinds
     x = example_input("resnet")
-    expected = qmodel(x)
-    frozen = freeze(qmodel).eval()
-    converted = ptqat_fx.convert(frozen)
+    converted = ptqat_fx.convert(ptqat)
     reference = ptqat_fx.convert(quantized("resnet", 4))
-    assert torch.equal(converted(x), expected) and not quantizers(converted)
+    assert torch.equal(converted(x), ptqat(x)) and not quantizers(converted)
     state, reference_state = converted.state_dict(), reference.state_dict()
     assert state.keys() == reference_state.keys()
     assert all(torch.equal(state[k], reference_state[k]) for k in state)
