@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import importlib
 import inspect
 import json
 import keyword
@@ -34,7 +33,9 @@ from torch import fx, nn
 
 from .config import QuantConfig, Select
 from .errors import SerializationError
+from .frozen_conv import frozen_conv
 from .layer_spec import LayerSpec
+from .quantized_layers import quantized_conv, quantized_linear, quantized_matmul
 from .quantizer import FakeQuantizer
 
 FORMAT = "ptqat-fx.graph"
@@ -66,39 +67,19 @@ def _allowed_functions() -> dict[str, Any]:
         for name in dir(module):
             if not name.startswith("_") and name not in _DENIED_OPERATORS and callable(getattr(module, name)):
                 names[f"{module.__name__}.{name}"] = getattr(module, name)
+    # ptqat-fx's own graph functions (what freeze puts in graphs).
+    for function in (frozen_conv, quantized_conv, quantized_linear, quantized_matmul):
+        names[f"{function.__module__}.{function.__name__}"] = function
     return names
 
 
 _FUNCTIONS = _allowed_functions()
 _FUNCTION_NAMES = {id(function): name for name, function in reversed(list(_FUNCTIONS.items()))}
-# ptqat-fx's own graph functions (what the passes put in graphs), imported when first needed.
-_OWN_FUNCTIONS = (
-    "ptqat_fx.frozen_conv.frozen_conv",
-    "ptqat_fx.quantized_layers.quantized_linear",
-    "ptqat_fx.quantized_layers.quantized_conv",
-    "ptqat_fx.quantized_layers.quantized_matmul",
-)
-
-
-def _resolve_function(name: str) -> Any | None:
-    """The allowed function called ``name``, or None."""
-    if name in _FUNCTIONS:
-        return _FUNCTIONS[name]
-    if name not in _OWN_FUNCTIONS:
-        return None
-    module, _, attribute = name.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError):
-        return None
 
 
 def _function_name(target: Any) -> str | None:
     """The allow-list name of ``target``, or None when it is not allowed."""
-    if id(target) in _FUNCTION_NAMES:
-        return _FUNCTION_NAMES[id(target)]
-    name = f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
-    return name if name in _OWN_FUNCTIONS and _resolve_function(name) is target else None
+    return _FUNCTION_NAMES.get(id(target))
 
 
 def _check_identifier(name: Any, what: str) -> str:
@@ -163,8 +144,8 @@ def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
         return result
     if tag == "device":
         return torch.device(payload)
-    if tag == "function" and _resolve_function(payload) is not None:
-        return _resolve_function(payload)
+    if tag == "function" and payload in _FUNCTIONS:
+        return _FUNCTIONS[payload]
     if tag == "dataclass" and payload in _DATACLASSES:
         fields = {k: _decode(v, env) for k, v in value["fields"].items()}
         return _DATACLASSES[payload](**fields)
@@ -227,10 +208,9 @@ def _describe_module(module: nn.Module, path: str) -> dict[str, Any]:
     arguments = _module_arguments(module, path)
     description = {"class": type(module).__name__, "arguments": _encode(arguments, f"module {path!r}"),
                    "training": module.training}
-    if isinstance(module, FakeQuantizer):
-        description["mode"] = module.mode
     rebuilt = _construct(description["class"], arguments, path)
-    rebuilt.mode = getattr(module, "mode", None)
+    if isinstance(module, FakeQuantizer):
+        description["mode"] = rebuilt.mode = module.mode
     if rebuilt.extra_repr() != module.extra_repr():
         raise SerializationError(
             f"module {path!r} ({type(module).__name__}) does not rebuild from its constructor "
@@ -273,7 +253,7 @@ def _describe_node(node: fx.Node) -> dict[str, Any]:
         if name is None:
             raise SerializationError(
                 f"{where} calls {getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)!r}, "
-                "which is not a torch function, torch.nn.functional function or operator; save() refuses "
+                "which is not a torch, torch.nn.functional, operator, math or ptqat-fx graph function; save() refuses "
                 "it because load() must not run code from the file (autograd.Function and torch.fx.wrap "
                 "nodes cannot be saved)"
             )
@@ -343,10 +323,9 @@ def _rebuild_graph(nodes: list[dict[str, Any]], modules: set[str], attributes: s
         if op == "placeholder":
             _check_identifier(target, "placeholder")
         elif op == "call_function":
-            function = _resolve_function(target) if isinstance(target, str) else None
-            if function is None:
+            if not isinstance(target, str) or target not in _FUNCTIONS:
                 raise SerializationError(f"node {name!r} calls {target!r}, which is not an allowed function")
-            target = function
+            target = _FUNCTIONS[target]
         elif op == "call_method":
             if _check_identifier(target, "method").startswith("_") or target in _DENIED_METHODS or not hasattr(torch.Tensor, target):
                 raise SerializationError(f"node {name!r}: method {target!r} is not an allowed Tensor method")
