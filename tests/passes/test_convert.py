@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ptqat_fx
-from ptqat_fx.layer_spec import layer_nodes, layer_specs
+from ptqat_fx.layer_spec import layer_nodes
 from ptqat_fx.passes.annotate import annotate
 from ptqat_fx.passes.convert import CONVERT_KEY, pack_int4, quantize_dequantize, state_dict_bytes, unpack_int4
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
