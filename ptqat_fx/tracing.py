@@ -23,8 +23,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import os
 import inspect
+import os
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +51,8 @@ class AutoLeaf:
     """A module torch.fx could not trace, kept as a leaf that runs eagerly.
 
     Attributes:
-        path: its module path in the traced GraphModule (``""``: the whole model).
+        path: its module path in the traced GraphModule (``model``: the whole model, whose
+            own forward did not trace, under a root that calls it).
         error: the exception tracing raised, as ``Type: message``.
         line: the user's source line that raised it, if known.
         quantized: paths of the layers inside it that got module-level quantizers.
@@ -178,8 +179,7 @@ def _eager_graph_module(model: nn.Module) -> fx.GraphModule:
                 f"the forward of {type(model).__name__} cannot be traced and takes *args/**kwargs, "
                 "so it cannot run as one leaf either; make the failing code a submodule or fix it"
             )
-        default = () if parameter.default is parameter.empty else (parameter.default,)
-        placeholder = graph.placeholder(name, default_value=default[0] if default else inspect.Signature.empty)
+        placeholder = graph.placeholder(name, default_value=parameter.default)
         if parameter.kind is parameter.KEYWORD_ONLY:
             kwargs[name] = placeholder
         else:
@@ -230,7 +230,9 @@ class _StructuredInputsCodeGen(_PyTreeCodeGen):
             free_vars.insert(0, "self")
         signature = [f"{name}={self.defaults[name]}" if name in self.defaults else name for name in names]
         definition = fx.graph.CodeGen.gen_fn_def(self, signature, maybe_return_annotation, expanded_def=expanded_def)
-        return definition + self.gen_var_bindings(names, free_vars, expanded_def)
+        # The placeholders keep their defaults (an Interpreter uses them); the unpacking must not.
+        bound = [var.split(" = ")[0] for var in free_vars]
+        return definition + self.gen_var_bindings(names, bound, expanded_def)
 
 
 def _keep_defaults(graph: fx.Graph, model: nn.Module) -> None:
@@ -242,8 +244,6 @@ def _keep_defaults(graph: fx.Graph, model: nn.Module) -> None:
         name: repr(p.default) for name, p in inspect.signature(model.forward).parameters.items()
         if p.default is not p.empty and _literal(p.default)
     }
-    for node in graph.find_nodes(op="placeholder"):
-        node.args = ()
     graph._codegen = _StructuredInputsCodeGen(graph._codegen.pytree_info, defaults)
 
 

@@ -85,32 +85,32 @@ def _quantize(path: str, module: nn.Module, config: QuantConfig) -> None:
     quantize_layer_module(module, spec, weight_quantizer, _input_quantizer(config))
 
 
-def _layer_weight(gm: fx.GraphModule, value: object) -> str | None:
-    """The layer path of a ``get_attr`` of a Conv/Linear weight, else None."""
+def _layer_weight(gm: fx.GraphModule, value: object) -> tuple[str, str] | None:
+    """(layer path, kind) of a ``get_attr`` of a Conv/Linear weight, else None."""
     if not (isinstance(value, fx.Node) and value.op == "get_attr" and value.target.endswith(".weight")):
         return None
     path = value.target[: -len(".weight")]
     kind = gm.meta.get(MODULE_TYPES_KEY, {}).get(path)
-    return path if kind is not None and issubclass(kind, tuple(MODULE_KINDS)) else None
+    base = next((base for base in kind.__mro__ if base in MODULE_KINDS), None) if kind else None
+    return (path, MODULE_KINDS[base]) if base is not None else None
 
 
 def _quantize_wrapped_call(gm: fx.GraphModule, node: fx.Node, config: QuantConfig) -> None:
-    types = gm.meta[MODULE_TYPES_KEY]
     region = f"opaque_calls.{node.name}"
     quantizers: dict[str, FakeQuantizer] = {}
     specs: list[LayerSpec] = []
 
     def quantized_weight(key: str, value: object) -> object:
-        path = _layer_weight(gm, value)
-        if path is None or config.skips(path, MODULE_KINDS[_kind_class(types[path])]):
+        layer = _layer_weight(gm, value)
+        if layer is None or config.skips(*layer):
             return value
-        kind = MODULE_KINDS[_kind_class(types[path])]
+        path, kind = layer
+        weight, owner = gm.get_parameter(value.target), gm.get_submodule(path)
         target = f"{path}.weight_fake_quant"
-        if not isinstance(getattr(gm.get_submodule(path), "weight_fake_quant", None), FakeQuantizer):
-            gm.add_submodule(target, _weight_quantizer(kind, gm.get_parameter(value.target), config))
+        if not isinstance(getattr(owner, "weight_fake_quant", None), FakeQuantizer):
+            gm.add_submodule(target, _weight_quantizer(kind, weight, config))
         quantizers[key] = _input_quantizer(config)
-        bias = getattr(gm.get_submodule(path), "bias", None)
-        specs.append(_spec(path, kind, gm.get_parameter(value.target), bias, f"{region}.input_quantizers.{key}", config))
+        specs.append(_spec(path, kind, weight, getattr(owner, "bias", None), f"{region}.input_quantizers.{key}", config))
         with gm.graph.inserting_before(node):
             return gm.graph.call_module(target, (value,))
 
@@ -125,9 +125,6 @@ def _quantize_wrapped_call(gm: fx.GraphModule, node: fx.Node, config: QuantConfi
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
 
-
-def _kind_class(kind: type) -> type:
-    return next(base for base in kind.__mro__ if base in MODULE_KINDS)
 
 
 def quantize_leaves(

@@ -106,6 +106,18 @@ class NonzeroRebatch(nn.Module):
         return out.transpose(1, 2).reshape(b, c, h, w)
 
 
+class ZerosOfTracedSize(nn.Module):
+    """``torch.zeros(x.shape[0], ...)``: a factory call with a traced size (SparseBEV)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        bias = torch.zeros(x.shape[0], 8, 1, 1)
+        return self.conv(x) + bias
+
+
 class ListOfDictInput(nn.Module):
     """forward(img, img_metas): iterates a list of per-sample dicts, as mmdet3d heads do."""
 
@@ -172,6 +184,7 @@ IDIOMS = {
     "custom_autograd_function": lambda: _Frame(CustomFunction()),
     "no_grad_in_forward": lambda: _Frame(NoGradInForward()),
     "nonzero_len": lambda: _Frame(NonzeroRebatch()),
+    "zeros_of_traced_size": lambda: _Frame(ZerosOfTracedSize()),
     "list_of_dict_input": ListOfDictInput,
     "multihead_attention": WithAttention,
     "shared_layer": SharedLayer,
