@@ -20,8 +20,8 @@ def test_model_without_quantizable_layers_warns_and_reports_so():
 
 
 def test_skipped_layers_count_as_float():
-    config = ptqat_fx.QuantConfig(skip=("fc3",))
-    gm = ptqat_fx.quantize(mlp.build(), (torch.randn(2, 784),), config=config, progress=False)
+    config = ptqat_fx.QuantConfig(skip=("fc3",), w_observer="minmax")
+    gm = ptqat_fx.quantize(mlp.build(inputs=16), (torch.randn(2, 16),), config=config, select=None, progress=False)
     found = coverage(gm)
     assert (found.layers, found.quantized, found.float_layers) == (3, 2, ["fc3"])
     assert found.traced_whole
