@@ -106,7 +106,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     train_s = time.perf_counter() - t1
     result = evaluate(model, module, val_set)
     train_map = evaluate(model, module, {k: v[: len(val_set["labels"])] for k, v in train_set.items()})["mAP"]
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
     report = {
         "model": args.model, "steps": step, "batch": args.batch, "lr": lr, "train_samples": n_train,
         "val_samples": len(val_set["labels"]), "render_s": round(render_s, 1), "train_s": round(train_s, 1),

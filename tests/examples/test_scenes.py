@@ -9,18 +9,18 @@ from examples.bev import rig, scenes
 
 
 def test_same_seed_gives_identical_tensors_and_other_seeds_differ() -> None:
-    a, b, c = scenes.make_sample(7), scenes.make_sample(7), scenes.make_sample(8)
+    a, b = scenes.make_sample(7), scenes.SceneDataset(seed=3, length=10)[4]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert not torch.equal(a["imgs"], c["imgs"])
-    assert torch.equal(scenes.SceneDataset(seed=3, length=10)[4]["imgs"], scenes.make_sample(7)["imgs"])
+    other = scenes.sample_scene(torch.Generator().manual_seed(8))
+    assert not torch.equal(scenes.sample_scene(torch.Generator().manual_seed(7))["boxes"], other["boxes"])
 
 
 def test_box_centres_project_onto_their_own_rendered_pixels() -> None:
     # A centre seen from outside lies behind the box's own surface unless a nearer object occludes it.
     projected = own = 0
-    for seed in range(4):
+    for seed in range(3):
         scene = scenes.sample_scene(torch.Generator().manual_seed(seed))
         c2e, intrins = rig.cam2ego(*scene["cam_jitter"]), rig.intrinsics()
         _, depth, inst = scenes.render(c2e, intrins, scene["boxes"], scene["colours"], scene["sun"], scene["ground"], torch.zeros(1))
@@ -36,7 +36,7 @@ def test_box_centres_project_onto_their_own_rendered_pixels() -> None:
                     if inst[c, v, u] == k:
                         own += 1
                         assert d - math.hypot(*scene["boxes"][k, 3:6].tolist()) / 2 <= depth[c, v, u] < d
-    assert projected >= 40 and own / projected >= 0.8
+    assert projected >= 30 and own / projected >= 0.8
 
 
 def test_targets_agree_with_boxes() -> None:
