@@ -27,7 +27,8 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _broadcast(scale: torch.Tensor, ndim: int, channel_axis: int | None) -> torch.Tensor:
+def broadcast_scale(scale: torch.Tensor, ndim: int, channel_axis: int | None) -> torch.Tensor:
+    """``scale`` shaped to broadcast against a tensor of ``ndim`` dims along ``channel_axis``."""
     if channel_axis is None:
         return scale.reshape(())
     shape = [1] * ndim
@@ -39,7 +40,7 @@ def fake_quantize_forward(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None
 ) -> torch.Tensor:
     """round(clamp(x / s, qmin, qmax)) * s in float32, returned in ``x``'s dtype; no autograd."""
-    step = _broadcast(scale.detach().float(), x.dim(), channel_axis)
+    step = broadcast_scale(scale.detach().float(), x.dim(), channel_axis)
     return ((x.detach().float() / step).clamp(qmin, qmax).round() * step).to(x.dtype)
 
 
@@ -56,7 +57,7 @@ def fake_quantize_backward(
     """LSQ gradients (Esser et al., 2020) of ``x`` and the step from the output gradient:
     straight through inside [qmin, qmax], zero outside; for the step, ``round(v) - v`` inside
     and the clip bound outside, times ``grad_scale``."""
-    step = _broadcast(scale.float(), x.dim(), channel_axis)
+    step = broadcast_scale(scale.float(), x.dim(), channel_axis)
     scaled = x.float() / step
     inside = (scaled >= qmin) & (scaled <= qmax)
     grad_x = grad_out * inside
@@ -77,29 +78,30 @@ def lsq_grad_scale(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> float:
 
 
 class _LSQFunction(torch.autograd.Function):
-    """Fake quantization with the LSQ gradients; keeps ``x`` (or, for a frozen step, only the
-    clip mask) for backward."""
+    """Fake quantization with the LSQ gradients; keeps ``x`` for backward, or, for a frozen
+    step, only the one-byte clip mask unless ``save_input`` says ``x`` is kept anyway."""
 
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, channel_axis, grad_scale):
+    def forward(ctx, x, scale, qmin, qmax, channel_axis, grad_scale, save_input):
         ctx.qmin, ctx.qmax, ctx.channel_axis, ctx.grad_scale = qmin, qmax, channel_axis, grad_scale
-        if ctx.needs_input_grad[1]:
+        ctx.saved_input = ctx.needs_input_grad[1] or save_input
+        if ctx.saved_input:
             ctx.save_for_backward(x, scale)
         else:
-            scaled = x.float() / _broadcast(scale.float(), x.dim(), channel_axis)
+            scaled = x.float() / broadcast_scale(scale.float(), x.dim(), channel_axis)
             ctx.save_for_backward((scaled >= qmin) & (scaled <= qmax))
         return fake_quantize_forward(x, scale, qmin, qmax, channel_axis)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[1]:
+        if not ctx.saved_input:
             (inside,) = ctx.saved_tensors
-            return grad_out * inside, None, None, None, None, None
+            return grad_out * inside, None, None, None, None, None, None
         x, scale = ctx.saved_tensors
         grad_x, grad_step = fake_quantize_backward(
-            x, scale, grad_out, ctx.qmin, ctx.qmax, ctx.channel_axis, ctx.grad_scale
+            x, scale, grad_out, ctx.qmin, ctx.qmax, ctx.channel_axis, ctx.grad_scale, ctx.needs_input_grad[1]
         )
-        return grad_x, grad_step, None, None, None, None
+        return grad_x, grad_step, None, None, None, None, None
 
 
 def lsq_fake_quantize(
@@ -108,11 +110,14 @@ def lsq_fake_quantize(
     qmin: int,
     qmax: int,
     channel_axis: int | None = None,
+    save_input: bool = False,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` with step ``scale`` (one per tensor, or one per slice along
     ``channel_axis``); the step-size gradient is scaled by ``1 / sqrt(N * qmax)`` with N the
-    number of elements sharing one step, as LSQ prescribes."""
-    return _LSQFunction.apply(x, scale, qmin, qmax, channel_axis, lsq_grad_scale(x, scale, qmax))
+    number of elements sharing one step, as LSQ prescribes. With a frozen step, backward
+    keeps a one-byte clip mask, or ``x`` itself if ``save_input`` (free when the op that
+    made ``x`` keeps it anyway, as a ReLU keeps its output)."""
+    return _LSQFunction.apply(x, scale, qmin, qmax, channel_axis, lsq_grad_scale(x, scale, qmax), save_input)
 
 
 class FakeQuantizer(nn.Module):
@@ -145,12 +150,14 @@ class FakeQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(channels if channel_axis is not None else 1))
         self.mode = "observe"
         self.observer = RangeObserver(observer, self.qmax, channel_axis, percentile)
+        # Set by the freeze rewrite where the input is kept for backward by its producer.
+        self.save_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
             self.observer.update(x)
             return x
-        return lsq_fake_quantize(x, self.scale, self.qmin, self.qmax, self.channel_axis)
+        return lsq_fake_quantize(x, self.scale, self.qmin, self.qmax, self.channel_axis, self.save_input)
 
     def observe(self) -> None:
         """Start (again) collecting ranges; the output is the unquantized input."""

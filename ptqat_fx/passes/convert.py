@@ -33,7 +33,7 @@ from torch.fx.proxy import GraphAppendingTracer
 from ..errors import CalibrationError, InputError
 from ..frozen_conv import frozen_conv
 from ..layer_spec import META_KEY, layer_nodes, layer_specs
-from ..quantizer import FakeQuantizer, _broadcast, is_quantizer_node, quantizers
+from ..quantizer import FakeQuantizer, broadcast_scale, is_quantizer_node, quantizers
 from .unfuse import unfuse
 
 CONVERT_KEY = "ptqat_convert"
@@ -62,7 +62,7 @@ class IntegerWeight:
 
     def broadcast_scale(self) -> torch.Tensor:
         """``scale`` shaped to multiply ``values`` directly."""
-        return _broadcast(self.scale, self.values.dim(), self.axis)
+        return broadcast_scale(self.scale, self.values.dim(), self.axis)
 
 
 def require_lowerable(gm: fx.GraphModule) -> None:
@@ -105,7 +105,7 @@ def integer_weight(gm: fx.GraphModule, node: fx.Node) -> IntegerWeight | None:
         return None
     weight = _fetch(gm, node.target if node.op == "get_attr" else path).detach()
     scale = quantizer.scale.detach().float()
-    step = _broadcast(scale, weight.dim(), quantizer.channel_axis)
+    step = broadcast_scale(scale, weight.dim(), quantizer.channel_axis)
     values = (weight.float() / step).clamp(quantizer.qmin, quantizer.qmax).round()
     return IntegerWeight(path, values.to(torch.int8), scale, quantizer.channel_axis, quantizer.bits)
 

@@ -8,7 +8,9 @@ every step and keep their inputs for backward. For every frozen layer this pass
 * replaces the weight fake-quant node by a constant: the dequantized weight computed once,
   a ``frozen_weight`` buffer on the weight quantizer (its integer values are
   ``frozen_weight / scale`` exactly);
-* freezes the step size of its input quantizer, which then keeps only a one-byte clip mask;
+* freezes the step size of its input quantizer, which then keeps only a one-byte clip mask,
+  or nothing new where the producer of its input keeps that tensor anyway (ReLU, sigmoid,
+  tanh and softmax keep their outputs);
 * turns ``F.conv{1,2,3}d`` into ``frozen_conv``, which keeps only the weight for backward
   (``F.linear`` already does when its weight needs no gradient).
 
@@ -36,6 +38,9 @@ from .annotate import MATMUL_FUNCTIONS, MATMUL_METHODS
 from .unfuse import FUSED_FROM_KEY
 
 _FROZEN_CONV_TARGETS = {F.conv1d, F.conv2d, F.conv3d}
+_KEEPS_OUTPUT_MODULES = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Softmax)
+_KEEPS_OUTPUT_FUNCTIONS = {F.relu, torch.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softmax, torch.softmax}
+_KEEPS_OUTPUT_METHODS = {"relu", "sigmoid", "tanh", "softmax"}
 _FUSED = {F.linear: quantized_linear, F.conv1d: quantized_conv, F.conv2d: quantized_conv, F.conv3d: quantized_conv}
 
 
@@ -77,6 +82,16 @@ def _freeze_weight(gm: fx.GraphModule, node: fx.Node, spec: LayerSpec) -> None:
     node.meta["frozen"] = True
     if node.target in _FROZEN_CONV_TARGETS and not _padding_is_text(node):
         node.target = frozen_conv
+
+
+def _producer_keeps_output(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether autograd keeps ``node``'s output anyway (for its own backward)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, _KEEPS_OUTPUT_MODULES) and not getattr(module, "inplace", False)
+    if node.op == "call_function":
+        return node.target in _KEEPS_OUTPUT_FUNCTIONS and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target in _KEEPS_OUTPUT_METHODS
 
 
 def _padding_is_text(node: fx.Node) -> bool:
@@ -138,10 +153,15 @@ def freeze(gm: fx.GraphModule, train_other_params: bool = False) -> fx.GraphModu
         parameter.requires_grad_(name in trainable)
     for node in layer_nodes(gm):
         spec: LayerSpec = node.meta[META_KEY]
+        if node.meta.get("frozen") or FUSED_FROM_KEY in node.meta:
+            continue  # rewritten by an earlier freeze
         if spec.weight is not None and spec.weight not in trainable:
             _freeze_weight(gm, node, spec)
         elif spec.selected:
             _fuse_input_quantizers(gm, node)
+    for node in gm.graph.nodes:
+        if is_quantizer_node(gm, node) and isinstance(node.args[0], fx.Node):
+            gm.get_submodule(node.target).save_input = _producer_keeps_output(gm, node.args[0])
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -14,8 +14,14 @@ FUSED_FROM_KEY = "ptqat_fused_from"
 
 
 def _quantizer_call(gm: fx.GraphModule, before: fx.Node, source: fx.Node, scale: fx.Node) -> fx.Node:
+    """A call of the quantizer owning ``scale`` on ``source``: an existing one that runs
+    before ``before`` (a shared input quantizer stays one node), else a new one."""
+    target = scale.target.rpartition(".")[0]
+    for user in source.users:
+        if user.op == "call_module" and user.target == target and user.args == (source,) and user < before:
+            return user
     with gm.graph.inserting_before(before):
-        return gm.graph.call_module(scale.target.rpartition(".")[0], (source,))
+        return gm.graph.call_module(target, (source,))
 
 
 def unfuse(gm: fx.GraphModule) -> fx.GraphModule:
