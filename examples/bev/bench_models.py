@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -19,7 +20,7 @@ from examples.bev import scenes
 from examples.bev.train import MODELS, build, model_module
 
 
-def _times(fn, inputs: tuple[torch.Tensor, ...], repeats: int) -> tuple[float, float]:
+def _times(fn: Callable[..., object], inputs: tuple[torch.Tensor, ...], repeats: int) -> tuple[float, float]:
     fn(*inputs)
     wall, cpu = [], []
     for _ in range(repeats):
