@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from examples.bev import rig, scenes
 
 
-def test_same_seed_gives_identical_tensors_and_other_seeds_differ() -> None:
-    a, b = scenes.make_sample(7), scenes.SceneDataset(seed=3, length=10)[4]
+@pytest.fixture(scope="module")
+def sample() -> dict[str, torch.Tensor]:
+    return scenes.make_sample(7)
+
+
+def test_same_seed_gives_identical_tensors_and_other_seeds_differ(sample: dict[str, torch.Tensor]) -> None:
+    a, b = sample, scenes.SceneDataset(seed=3, length=10)[4]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -39,8 +45,7 @@ def test_box_centres_project_onto_their_own_rendered_pixels() -> None:
     assert projected >= 30 and own / projected >= 0.8
 
 
-def test_targets_agree_with_boxes() -> None:
-    sample = scenes.make_sample(11)
+def test_targets_agree_with_boxes(sample: dict[str, torch.Tensor]) -> None:
     valid = sample["labels"] >= 0
     boxes, labels = sample["boxes"][valid], sample["labels"][valid]
     assert len(boxes) >= 3 and (boxes[:, :2].abs() < rig.RANGE).all()
