@@ -44,6 +44,12 @@ class TracedMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention``'s forward (batched inputs, no ``bias_k``/``add_zero_attn``)
     with Linear projections. Build it with ``from_float``."""
 
+    # nn.TransformerEncoderLayer's fused eval fast path reads the fused in_proj weights; these
+    # two attributes are what its eligibility check reads first, and send it to the slow path,
+    # which calls this module.
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
+
     def __init__(
         self, embed_dim: int, num_heads: int, dropout: float, batch_first: bool,
         q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear,

@@ -68,3 +68,15 @@ def test_unsupported_multihead_attention_is_kept_and_reported_in_float():
     assert unfuse_attention(model) == {"attention": "kept: bias_k/bias_v/add_zero_attn are not supported"}
     gm = ptqat_fx.quantize(model, (torch.randn(6, 2, 16, generator=G),), progress=False)
     assert coverage(gm).float_layers == ["attention.out_proj"]
+
+
+def test_transformer_encoder_layer_takes_the_unfused_attention():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)).eval()
+    x = torch.randn(3, 5, 16, generator=G)
+    config = ptqat_fx.QuantConfig(w_bits=8, a_bits=8)
+    gm = ptqat_fx.quantize(model, (x,), [x], config, select=None, progress=False)
+    assert coverage(gm).share == 1.0
+    assert gm.get_submodule("1.self_attn.q_proj.input_quantizer").calibrated
+    with torch.no_grad():
+        assert ((gm(x) - model(x)).norm() / model(x).norm()) < 0.03
