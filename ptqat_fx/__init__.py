@@ -1,6 +1,7 @@
 """ptqat-fx: PTQAT (hybrid post-training + quantization-aware training) as torch.fx passes."""
 from .api import quantize
 from .config import QuantConfig, Select
+from .dump import dump
 from .errors import CalibrationError, ConfigError, InputError, PTQATError, SerializationError, TraceError
 from .export.onnx import export_onnx
 from .passes.convert import convert
@@ -12,6 +13,7 @@ __all__ = [
     "QuantConfig",
     "Select",
     "report",
+    "dump",
     "Report",
     "PTQATError",
     "ConfigError",

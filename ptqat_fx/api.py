@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import fx, nn
 from .attention import unfuse_attention
 from .config import QuantConfig, Select
 from .coverage import coverage
+from .dump.stages import StageDumper
 from .errors import InputError
 from .passes.annotate import annotate
 from .passes.calibrate import calibrate
@@ -57,6 +59,7 @@ def quantize(
     concrete_args: dict[str, Any] | None = None,
     strict: bool = False,
     progress: bool = True,
+    dump_dir: str | Path | None = None,
 ) -> fx.GraphModule:
     """Quantize ``model`` with PTQAT: a calibrated fake-quant ``GraphModule`` in which only
     the selected layers are trainable.
@@ -82,6 +85,8 @@ def quantize(
             an automatic leaf whose Conv/Linear layers are quantized at module level
             (``gm.meta["ptqat_auto_leaves"]``; ``coverage(gm)`` lists them).
         progress: show progress bars.
+        dump_dir: write the graph after every stage to this folder (``01_traced.txt``,
+            ``.json``, ``.dot``, ``.svg``, then ``02_bn_folded``...; see ``dump.stages``).
 
     Returns:
         A GraphModule in fake-quant mode, in the train/eval mode of ``model``.
@@ -93,28 +98,30 @@ def quantize(
     working_copy = copy.deepcopy(model)
     _check_example_inputs(working_copy, example_inputs)
     unfuse_attention(working_copy)
-    gm = trace(
+    after = StageDumper(dump_dir)
+    gm = after("traced", trace(
         working_copy, leaf_modules=leaf_modules, concrete_args=concrete_args,
         example_inputs=example_inputs, auto_leaf=not strict,
-    )
+    ))
     gm.meta["ptqat_config"] = config
     if config.fold_bn:
-        gm = fold_bn(gm)
-    gm = annotate(gm, config)
+        gm = after("bn_folded", fold_bn(gm))
+    gm = after("annotated", annotate(gm, config))
     gm = insert_quantizers(gm, config)
     gm = quantize_leaves(gm, config, example_inputs)
     if config.share_join_quantizers:
         gm = quantize_joins(gm, config, example_inputs)
+    after("quantizers_inserted", gm)
     if not coverage(gm).layers:
         warnings.warn(
             f"{type(model).__name__} has no quantizable layer (conv, linear, matmul): the returned "
             "model computes in float; nothing for quantization to do", stacklevel=2,
         )
     data = calib_data if calib_data is not None else [example_inputs]
-    gm = calibrate(gm, data, len(example_inputs), progress=progress)
+    gm = after("calibrated", calibrate(gm, data, len(example_inputs), progress=progress))
     if select is not None:
-        gm = discrepancy(gm, data, len(example_inputs), modes=(select.mode,), progress=progress)
-        gm = select_layers(gm, select)
-        gm = freeze(gm, select.train_other_params)
+        gm = after("analysed", discrepancy(gm, data, len(example_inputs), modes=(select.mode,), progress=progress))
+        gm = after("selected", select_layers(gm, select))
+        gm = after("frozen", freeze(gm, select.train_other_params))
     gm.train(model.training)
     return gm

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import fx
 
 from .config import QuantConfig, Select
+from .layer_graph import layer_graph
 from .layer_spec import layer_specs
 from .tracing import AUTO_LEAVES_KEY
 
@@ -39,6 +41,7 @@ class Report:
             quantizable layers, and of the trainable ones.
         trainable_params / total_params: every parameter of the model (step sizes included).
         notes: remarks a user should not miss (nothing selected, auto-leaves...).
+        layer_edges: the layer graph's edges ``(source, target)`` by layer name.
     """
 
     rows: list[LayerRow]
@@ -50,6 +53,7 @@ class Report:
     trainable_params: int
     total_params: int
     notes: list[str] = field(default_factory=list)
+    layer_edges: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def selected(self) -> list[str]:
@@ -68,6 +72,13 @@ class Report:
             "notes": self.notes,
             "layers": [vars(row) for row in self.rows],
         }
+
+    def save_html(self, path: str | Path, title: str = "ptqat-fx report") -> Path:
+        """Write the report as one self-contained HTML page (see ``report_html``); needs
+        matplotlib. Returns the path."""
+        from .report_html import write_html  # matplotlib is optional: imported on use
+
+        return write_html(self, path, title)
 
     def __str__(self) -> str:
         width = max([len(row.name) for row in self.rows] + [5])
@@ -141,4 +152,5 @@ def report(gm: fx.GraphModule, key: str | None = None) -> Report:
         trainable_params=sum(p.numel() for p in parameters if p.requires_grad),
         total_params=sum(p.numel() for p in parameters),
         notes=_notes(rows, select, gm),
+        layer_edges=list(layer_graph(gm).edges),
     )
