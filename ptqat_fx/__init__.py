@@ -4,6 +4,7 @@ from .config import QuantConfig, Select
 from .dump import dump
 from .errors import CalibrationError, ConfigError, InputError, PTQATError, SerializationError, TraceError
 from .export.onnx import export_onnx
+from .finetune import finetune
 from .passes.convert import convert
 from .report import Report, report
 from .serialization import load, save
@@ -12,6 +13,7 @@ __all__ = [
     "quantize",
     "QuantConfig",
     "Select",
+    "finetune",
     "report",
     "dump",
     "Report",

@@ -104,6 +104,7 @@ def quantize(
         example_inputs=example_inputs, auto_leaf=not strict,
     ))
     gm.meta["ptqat_config"] = config
+    gm.meta["ptqat_num_inputs"] = len(example_inputs)  # how finetune() splits batches
     if config.fold_bn:
         gm = after("bn_folded", fold_bn(gm))
     gm = after("annotated", annotate(gm, config))
