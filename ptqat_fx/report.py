@@ -9,7 +9,7 @@ from torch import fx
 
 from .config import QuantConfig, Select
 from .layer_graph import layer_graph
-from .layer_spec import layer_specs
+from .layer_spec import LayerSpec, layer_specs
 from .tracing import AUTO_LEAVES_KEY
 
 
@@ -120,6 +120,17 @@ def _notes(rows: list[LayerRow], select: Select | None, gm: fx.GraphModule) -> l
     return notes
 
 
+def trainable_layer_params(gm: fx.GraphModule, spec: LayerSpec) -> int:
+    """Weight and bias elements of a layer with ``requires_grad`` (0 once ``convert`` has
+    made them integer buffers)."""
+    parameters = dict(gm.named_parameters())
+    return sum(
+        parameters[path].numel()
+        for path in (spec.weight, spec.bias)
+        if path in parameters and parameters[path].requires_grad
+    )
+
+
 def report(gm: fx.GraphModule, key: str | None = None) -> Report:
     """The report of a model returned by ``quantize`` (or by the passes in order).
 
@@ -130,16 +141,11 @@ def report(gm: fx.GraphModule, key: str | None = None) -> Report:
     """
     select: Select | None = gm.meta.get("ptqat_select")
     key = key or (f"{select.mode}.{select.metric}" if select else "accumulated.relative")
-    rows = []
-    for spec in layer_specs(gm):
-        trainable = 0
-        for path in (spec.weight, spec.bias):
-            if path is not None and gm.get_parameter(path).requires_grad:
-                trainable += gm.get_parameter(path).numel()
-        rows.append(
-            LayerRow(spec.index, spec.name, spec.kind, spec.params, spec.w_bits, spec.a_bits,
-                     spec.discrepancy.get(key), spec.selected, trainable)
-        )
+    rows = [
+        LayerRow(spec.index, spec.name, spec.kind, spec.params, spec.w_bits, spec.a_bits,
+                 spec.discrepancy.get(key), spec.selected, trainable_layer_params(gm, spec))
+        for spec in layer_specs(gm)
+    ]
     trainable_quantizable = sum(row.trainable_params for row in rows)
     parameters = list(gm.parameters())
     return Report(

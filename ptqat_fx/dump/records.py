@@ -40,12 +40,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import fx, nn
+from torch import fx
 
 from ..layer_graph import layer_graph
 from ..layer_spec import META_KEY, LayerSpec
 from ..passes.unfuse import FUSED_FROM_KEY
 from ..quantizer import FakeQuantizer, quantizers
+from ..report import trainable_layer_params
 
 SCHEMA = "ptqat-fx.dump/1"
 
@@ -88,14 +89,6 @@ def _target(node: fx.Node) -> str:
     return getattr(node.target, "__name__", repr(node.target))
 
 
-def _trainable_params(gm: nn.Module, spec: LayerSpec) -> int:
-    return sum(
-        gm.get_parameter(path).numel()
-        for path in (spec.weight, spec.bias)
-        if path is not None and gm.get_parameter(path).requires_grad
-    )
-
-
 def graph_record(gm: fx.GraphModule) -> dict[str, Any]:
     """The JSON-ready description of ``gm`` documented in this module."""
     known = quantizers(gm)
@@ -121,7 +114,7 @@ def graph_record(gm: fx.GraphModule) -> dict[str, Any]:
                 "input_quantizers": list(spec.input_quantizers),
                 "discrepancy": dict(spec.discrepancy), "selected": spec.selected,
                 "frozen": frozen, "fused": fused,
-                "trainable_params": _trainable_params(gm, spec),
+                "trainable_params": trainable_layer_params(gm, spec),
             })
     config, select = gm.meta.get("ptqat_config"), gm.meta.get("ptqat_select")
     return {

@@ -1,0 +1,184 @@
+"""``ptqat-fx``: quantize a model from the command line, print its report, write HTML and dumps.
+
+    ptqat-fx demo                                   # a bundled ResNet, W4A8, report printed
+    ptqat-fx analyze examples.resnet_small:build --input-shape 16,3,32,32 --html report.html
+    ptqat-fx dump examples.vit_small:build --input-shape 8,1,28,28 --dir dumps/
+
+Bad arguments end with exit status 2 and one line on stderr; errors raised by the pipeline
+(a model that does not trace, bad calibration data) with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from .api import quantize
+from .config import QuantConfig, Select
+from .dump.stages import StageDumper, stage_names
+from .errors import PTQATError
+from .passes.convert import convert
+from .report import report
+
+_DEMO_FACTORY, _DEMO_SHAPE = "examples.resnet_small:build", "16,3,32,32"
+_EPILOG = """examples:
+  ptqat-fx demo
+  ptqat-fx analyze examples.resnet_small:build --input-shape 16,3,32,32 --html report.html
+  ptqat-fx analyze mypackage.models:make_net --input-shape 8,3,224,224 --data calib.pt --w-bits 8
+  ptqat-fx dump examples.vit_small:build --input-shape 8,1,28,28 --dir dumps/
+
+MODULE:FACTORY names a function (or class) that takes no arguments and returns the
+nn.Module to quantize; MODULE is imported from the current directory or the installed
+packages. Without --data the model is calibrated on random normal inputs."""
+
+
+class UsageError(Exception):
+    """A command-line argument is unusable; the message says which and what to write."""
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,32,32"`` -> ``(1, 3, 32, 32)``; every dimension a positive integer."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text!r}: write positive integers separated by commas, e.g. 1,3,32,32")
+    return shape
+
+
+def load_factory(spec: str) -> nn.Module:
+    """Import ``MODULE:FACTORY`` and call the factory; the result must be an nn.Module."""
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise UsageError(f"{spec!r}: write MODULE:FACTORY, e.g. examples.resnet_small:build")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # as `python -m` does, so local modules import
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"cannot import module {module_name!r} ({error}); run from the folder that holds it or install it") from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise UsageError(f"module {module_name!r} has no callable {attribute!r}; name a function that returns the model")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+def calibration_batches(shape: tuple[int, ...], data: Path | None, batches: int) -> list[torch.Tensor]:
+    """Batches from ``data`` (a saved tensor split along dim 0, or a list of tensors), else
+    ``batches`` random normal batches of ``shape``."""
+    if data is None:
+        generator = torch.Generator().manual_seed(0)
+        return [torch.randn(shape, generator=generator) for _ in range(batches)]
+    if not data.is_file():
+        raise UsageError(f"--data {str(data)!r}: no such file; save a tensor or a list of tensors with torch.save")
+    loaded = torch.load(data, weights_only=True)
+    if isinstance(loaded, torch.Tensor):
+        return list(loaded.split(shape[0]))
+    if isinstance(loaded, (list, tuple)) and loaded and all(isinstance(t, torch.Tensor) for t in loaded):
+        return list(loaded)
+    raise UsageError(f"--data {str(data)!r}: holds {type(loaded).__name__}; save a tensor or a list of tensors")
+
+
+def _quantize(args: argparse.Namespace, dump_dir: Path | None = None) -> tuple[nn.Module, fx.GraphModule, list[torch.Tensor]]:
+    model = load_factory(args.factory)
+    shape = parse_shape(args.input_shape)
+    data = calibration_batches(shape, args.data, args.batches)
+    config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits)
+    select = Select(strategy=args.strategy, fraction=args.fraction)
+    qmodel = quantize(model, (data[0],), data, config, select, dump_dir=dump_dir)
+    return model, qmodel, data
+
+
+def _print_report(model: nn.Module, qmodel: fx.GraphModule, sample: torch.Tensor, html: Path | None) -> None:
+    summary = report(qmodel)
+    print(summary)
+    with torch.no_grad():
+        reference, quantized = model(sample), qmodel(sample)
+    if isinstance(reference, torch.Tensor):
+        error = float((quantized - reference).norm() / reference.norm())
+        print(f"FP vs quantized output on the first batch: relative error {error:.4f}")
+    if html is not None:
+        summary.save_html(html, title=f"ptqat-fx report: {type(model).__name__}")
+        print(f"HTML report: {html}")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    model, qmodel, data = _quantize(args)
+    _print_report(model, qmodel, data[0], args.html)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "examples").is_dir():
+        raise UsageError("demo runs the bundled examples/ of a ptqat-fx source checkout, which this install lacks")
+    sys.path.insert(0, str(root))
+    args.factory, args.input_shape = _DEMO_FACTORY, _DEMO_SHAPE
+    print(f"demo: {_DEMO_FACTORY}, input {_DEMO_SHAPE}, W{args.w_bits}A{args.a_bits}, random calibration data")
+    _analyze(args)
+
+
+def _dump(args: argparse.Namespace) -> None:
+    _, qmodel, _ = _quantize(args, dump_dir=args.dir)
+    StageDumper(args.dir, first=len(stage_names(args.dir)) + 1)("converted", convert(qmodel))
+    for name in stage_names(args.dir):
+        print(args.dir / name, "(.txt .json .dot .svg)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptqat-fx",
+        description="PTQAT quantization for PyTorch models: quantize (PTQ calibration), measure each "
+        "layer's quantization error, pick the layers to fine-tune, and show it all.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    options.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8 (default 8)")
+    options.add_argument("--strategy", default="small", help="which layers to fine-tune: small (PTQAT), large, random, all, none")
+    options.add_argument("--fraction", type=float, default=0.5, help="share of layers to select (default 0.5)")
+    model = argparse.ArgumentParser(add_help=False, parents=[options])
+    model.add_argument("factory", metavar="MODULE:FACTORY", help="function returning the model, e.g. examples.resnet_small:build")
+    model.add_argument("--input-shape", required=True, help="shape of one input batch, e.g. 16,3,32,32")
+    model.add_argument("--data", type=Path, help="calibration inputs saved with torch.save: a tensor (split into batches) or a list of batches")
+    model.add_argument("--batches", type=int, default=4, help="random calibration batches when --data is not given (default 4)")
+    demo = commands.add_parser("demo", parents=[options], help="quantize a bundled ResNet end to end and print its report")
+    demo.add_argument("--html", type=Path, help="also write the HTML report here")
+    demo.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    demo.add_argument("--batches", type=int, default=8, help=argparse.SUPPRESS)
+    demo.set_defaults(run=_demo)
+    analyze = commands.add_parser("analyze", parents=[model], help="quantize a model, print the per-layer table, write the HTML report")
+    analyze.add_argument("--html", type=Path, help="write the HTML report here")
+    analyze.set_defaults(run=_analyze)
+    dump = commands.add_parser("dump", parents=[model], help="write the graph after every pipeline stage (txt, json, dot, svg)")
+    dump.add_argument("--dir", type=Path, required=True, help="folder for 01_traced.*, 02_..., the last one converted.*")
+    dump.set_defaults(run=_dump)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ptqat-fx``; returns (and, as a console script, exits with) the status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except UsageError as error:
+        print(f"ptqat-fx: error: {error}", file=sys.stderr)
+        return 2
+    except PTQATError as error:
+        print(f"ptqat-fx: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
