@@ -72,8 +72,9 @@ def quantize(
         model: any ``nn.Module`` torch.fx can trace (see ``leaf_modules``).
         example_inputs: a tuple of the model's positional inputs; used to check the model
             runs, and for calibration when ``calib_data`` is None.
-        calib_data: iterable of batches for PTQ calibration: tensors, or tuples whose first
-            ``len(example_inputs)`` items are the inputs (labels after them are ignored).
+        calib_data: iterable of batches for PTQ calibration and the discrepancy analysis:
+            tensors, or tuples whose first ``len(example_inputs)`` items are the inputs
+            (labels after them are ignored). A one-shot iterator is read into a list.
         config: bits, observers, skipped layers; ``QuantConfig()`` (W4A8) by default.
         select: which layers stay trainable; PTQAT's rule ``Select("small", fraction=0.5)``
             by default (ranked by the discrepancy measured on ``calib_data``). ``None`` stops
@@ -119,6 +120,9 @@ def quantize(
             "model computes in float; nothing for quantization to do", stacklevel=2,
         )
     data = calib_data if calib_data is not None else [example_inputs]
+    if iter(data) is data:
+        # A one-shot iterator: calibration and analysis both read it, so keep its batches.
+        data = list(data)
     gm = after("calibrated", calibrate(gm, data, len(example_inputs), progress=progress))
     if select is not None:
         gm = after("analysed", discrepancy(gm, data, len(example_inputs), modes=(select.mode,), progress=progress))

@@ -163,3 +163,9 @@ def test_zero_weights_and_activations_give_finite_scales():
     for quantizer in quantizers(gm).values():
         assert torch.isfinite(quantizer.scale).all() and (quantizer.scale > 0).all()
     assert torch.isfinite(gm(torch.randn(2, 784))).all()
+
+
+def test_one_shot_iterator_serves_calibration_and_analysis():
+    data = _data((2, 784), batches=3)
+    gm = ptqat_fx.quantize(mlp.build(), (data[0],), iter(data), progress=False)
+    assert all(spec.discrepancy for spec in layer_specs(gm))
