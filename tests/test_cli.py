@@ -26,6 +26,7 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_demo_prints_the_report_of_the_bundled_resnet(tmp_path):
     result = _run("demo", "--html", str(tmp_path / "demo.html"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # progress bars stay silent off a terminal
     for layer in ("stem.0", "layers.2.conv2", "fc"):
         assert f" {layer} " in result.stdout
     assert "10 quantizable layers, 5 trainable" in result.stdout
