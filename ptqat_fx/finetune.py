@@ -11,7 +11,8 @@ Under ``torchrun`` (a process group initialised by the caller, each rank given i
 of the data) the model is wrapped in ``DistributedDataParallel``: DDP builds its gradient
 buckets from trainable parameters only, and every trainable parameter is used in every step,
 so no ``find_unused_parameters`` is needed; gradients are averaged, so N ranks with batches of
-B match one process with batches of N*B when the loss is a mean over the batch.
+B match one process with batches of N*B when the loss is a mean over the batch (activation
+step-size gradients are rescaled for that: see ``_distributed``).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .batches import model_args
 from .distill import distillation_loss
 from .errors import ConfigError, InputError
 from .progress import progress_bar
+from .quantizer import quantizers
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 
@@ -140,9 +142,20 @@ def _steps(data: Iterable[Any], epochs: int, steps: int | None) -> Iterator[tupl
             return
 
 
-def _distributed(model: nn.Module, device: torch.device) -> nn.Module:
+def _distributed(model: nn.Module, device: torch.device, hooks: list) -> nn.Module:
+    """``model`` wrapped in DDP when a process group of several ranks runs; else ``model``.
+
+    LSQ scales a per-tensor (activation) step's gradient by ``1 / sqrt(N * qmax)`` with N the
+    elements of the tensor, which on each rank is 1/world of the global batch's: those step
+    gradients are scaled by ``1 / sqrt(world)`` (hooks appended to ``hooks``), so that N ranks
+    compute what one process computes on the global batch.
+    """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return model
+    per_batch = 1.0 / dist.get_world_size() ** 0.5
+    for quantizer in quantizers(model).values():
+        if quantizer.channel_axis is None and quantizer.scale.requires_grad:
+            hooks.append(quantizer.scale.register_hook(lambda grad: grad * per_batch))
     device_ids = [device] if device.type == "cuda" else None
     # Buffers are constants (frozen dequantized weights): synchronised once when DDP starts, not
     # every forward. torch >= 2.13 names the option forward_sync_buffers.
@@ -184,7 +197,7 @@ def finetune(
         lr: learning rate of weights and biases (and of step sizes unless ``scale_lr``).
         scale_lr: learning rate of the LSQ step sizes.
         optimizer: an optimizer over the trainable parameters, or a callable building one
-            from the parameter groups; Adam by default.
+            from the parameter groups (which carry ``lr`` and ``scale_lr``); Adam by default.
         amp: ``"bf16"`` or ``"fp16"`` autocast (fp16 with a gradient scaler), or None.
         compile: train through ``torch.compile`` of the (DDP-wrapped) model.
         device: where to train; the device of ``qmodel``'s parameters by default. ``qmodel``
@@ -213,7 +226,8 @@ def finetune(
     opt = _build_optimizer(optimizer, groups, lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     was_training = qmodel.training
-    train_model = _distributed(qmodel.train(), device)
+    hooks: list = []
+    train_model = _distributed(qmodel.train(), device, hooks)
     if compile:
         train_model = torch.compile(train_model)
     history = History()
@@ -240,6 +254,8 @@ def finetune(
             history.loss.append(value.item())
             bar.set_postfix(loss=f"{history.loss[-1]:.4g}", refresh=False)
     finally:
+        for hook in hooks:
+            hook.remove()
         qmodel.train(was_training)
         if teacher is not None:
             teacher.train(teacher_was_training)

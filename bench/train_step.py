@@ -1,0 +1,212 @@
+"""One training step on a GPU, as a ratio to FP32 training of the same model in the same process.
+
+Models: torchvision ResNet-50 and ViT-B/16, random init, batch 64 at 224x224, cross-entropy on
+random labels, SGD (momentum 0.9). Arms: FP32; torch.ao FX LSQ W4A8 full QAT (the anchor,
+``bench/torch_ao_lsq.py``); our full QAT W4A8 (``Select("all")``); our PTQAT W4A8 with the
+small-discrepancy half trainable (``Select("small", fraction=0.5)``). Each arm eager, and for
+the arms named by ``--compile-arms`` through ``torch.compile``. Calibration and analysis use a
+few batches of random data: enough for timing, which does not depend on the scales.
+
+Step time: CUDA events around each step (forward, loss, backward, optimizer step), median of
+``--steps`` steps after ``--warmup``. Peak memory: ``max_memory_allocated`` over the timed
+steps, the model's weights, gradients and optimizer state included. ``--profile`` prints the
+top CUDA ops of a few steps of the named arms.
+
+    PYTHONPATH=. python bench/train_step.py --device cuda --out bench/train_step.json
+    PYTHONPATH=. python bench/train_step.py --device cpu --tiny     # a smoke run, no GPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ptqat_fx
+from bench.torch_ao_lsq import prepare_torch_ao_lsq
+from tests.zoo.torchvision_zoo import load_torchvision
+
+ARMS = ("fp32", "torch_ao_lsq", "ours_qat", "ptqat_small_0.5")
+CONFIG = ptqat_fx.QuantConfig(w_bits=4, a_bits=8)
+
+
+def build_models(tiny: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    """Model name -> (constructor, input shape)."""
+    torchvision = load_torchvision()
+    if tiny:
+        vit = lambda: torchvision.models.VisionTransformer(  # noqa: E731
+            image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+        return {"ResNet-50": (lambda: torchvision.models.resnet50(num_classes=10), (2, 3, 32, 32)),
+                "ViT-B/16": (vit, (2, 3, 32, 32))}
+    return {"ResNet-50": (torchvision.models.resnet50, (64, 3, 224, 224)),
+            "ViT-B/16": (torchvision.models.vit_b_16, (64, 3, 224, 224))}
+
+
+def make_arm(arm: str, model: nn.Module, shape: tuple[int, ...], device: torch.device, calib_batches: int) -> nn.Module:
+    """The training model of ``arm`` from a float ``model`` already on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    calib_shape = (min(shape[0], 16), *shape[1:])
+    calib = [torch.randn(calib_shape, generator=generator, device=device) for _ in range(calib_batches)]
+    if arm == "fp32":
+        return model.train()
+    if arm == "torch_ao_lsq":
+        return prepare_torch_ao_lsq(model, (calib[0],), CONFIG.w_bits, CONFIG.a_bits).train()
+    select = ptqat_fx.Select("all") if arm == "ours_qat" else ptqat_fx.Select("small", fraction=0.5)
+    return ptqat_fx.quantize(model.train(), (calib[0],), calib, CONFIG, select, progress=False).train()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(model: nn.Module, shape: tuple[int, ...], device: torch.device, warmup: int, steps: int,
+               compile_backend: str | None) -> dict[str, float]:
+    """Median step time (ms), peak memory (bytes) and first-step time (s, includes compilation)."""
+    generator = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(shape, generator=generator, device=device)
+    classes = 1000 if shape[-1] == 224 else 10
+    y = torch.randint(0, classes, (shape[0],), generator=generator, device=device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
+
+    def step() -> None:
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for begin, end in events:
+            begin.record()
+            step()
+            end.record()
+        _sync(device)
+        times = [begin.elapsed_time(end) for begin, end in events]
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        times = []
+        for _ in range(steps):
+            begin = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - begin) * 1e3)
+        peak = 0
+    return {"step_ms": statistics.median(times), "peak_bytes": peak, "first_step_s": first,
+            "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def profile_steps(model: nn.Module, shape: tuple[int, ...], device: torch.device, rows: int) -> str:
+    """The top ops by self device time over 3 steps, as the torch profiler's table."""
+    generator = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(shape, generator=generator, device=device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sort = "self_cuda_time_total"
+    for _ in range(2):
+        model(x).float().square().mean().backward()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            loss = model(x).float().square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        _sync(device)
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="small inputs and models: a CPU smoke run")
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--arms", nargs="*", default=list(ARMS))
+    parser.add_argument("--compile-arms", nargs="*", default=[])
+    parser.add_argument("--compile-backend", default="inductor", help="aot_eager for a quick CPU check")
+    parser.add_argument("--profile-arms", nargs="*", default=[])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--calib-batches", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip compiled arms started after this")
+    parser.add_argument("--out", default="bench/train_step.json")
+    parser.add_argument("--profile-out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    models = build_models(args.tiny)
+    started = time.perf_counter()
+    results: dict[str, dict] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                                "torch": torch.__version__, "models": {}}
+    profiles = []
+    for name in args.models or list(models):
+        build, shape = models[name]
+        torch.manual_seed(0)
+        base = build()
+        rows = results["models"].setdefault(name, {})
+        runs = [(arm, False) for arm in args.arms] + [(arm, True) for arm in args.compile_arms]
+        for arm, compiled in runs:
+            label = f"{arm} compiled" if compiled else arm
+            if compiled and time.perf_counter() - started > args.budget_s:
+                rows[label] = {"skipped": "time budget"}
+                continue
+            torch._dynamo.reset()
+            try:
+                model = make_arm(arm, copy.deepcopy(base).to(device), shape, device, args.calib_batches)
+                rows[label] = time_steps(model, shape, device, args.warmup, args.steps,
+                                         args.compile_backend if compiled else None)
+                if arm in args.profile_arms and not compiled:
+                    profiles.append(f"== {name} / {arm}\n{profile_steps(model, shape, device, 15)}")
+            except Exception as error:  # a failing arm is a result too (torch.ao fails on some models)
+                rows[label] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            model = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"{name:10} {label:28} {json.dumps(rows[label])}", flush=True)
+            with open(args.out, "w") as handle:
+                json.dump(results, handle, indent=2)
+    if profiles:
+        text = "\n".join(profiles)
+        print(text)
+        if args.profile_out:
+            with open(args.profile_out, "w") as handle:
+                handle.write(text)
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    """Markdown table: step time and peak memory, and their ratios to eager FP32."""
+    print(f"\ndevice: {results['device']}, torch {results['torch']}")
+    print("| model | arm | step ms | x FP32 | peak GB | x FP32 | trainable params |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in results["models"].items():
+        base = rows.get("fp32", {})
+        for label, row in rows.items():
+            if "step_ms" not in row:
+                print(f"| {name} | {label} | {row.get('error') or row.get('skipped')} | | | | |")
+                continue
+            time_ratio = row["step_ms"] / base["step_ms"] if "step_ms" in base else float("nan")
+            memory_ratio = row["peak_bytes"] / base["peak_bytes"] if base.get("peak_bytes") else float("nan")
+            print(f"| {name} | {label} | {row['step_ms']:.1f} | {time_ratio:.2f} | {row['peak_bytes'] / 1e9:.2f} "
+                  f"| {memory_ratio:.2f} | {row['trainable_params']:,} |")
+
+
+if __name__ == "__main__":
+    main()
