@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from .api import quantize
-from .config import QuantConfig, Select
+from .config import STRATEGIES, QuantConfig, Select
 from .dump.stages import StageDumper, stage_names
 from .errors import PTQATError
 from .passes.convert import convert
@@ -39,6 +39,13 @@ packages. Without --data the model is calibrated on random normal inputs."""
 
 class UsageError(Exception):
     """A command-line argument is unusable; the message says which and what to write."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points to ``--help``."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -62,7 +69,9 @@ def load_factory(spec: str) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise UsageError(f"cannot import module {module_name!r} ({error}); run from the folder that holds it or install it") from error
+        raise UsageError(
+            f"cannot import module {module_name!r} ({error}); run from the folder that holds it or install it"
+        ) from error
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise UsageError(f"module {module_name!r} has no callable {attribute!r}; name a function that returns the model")
@@ -80,7 +89,13 @@ def calibration_batches(shape: tuple[int, ...], data: Path | None, batches: int)
         return [torch.randn(shape, generator=generator) for _ in range(batches)]
     if not data.is_file():
         raise UsageError(f"--data {str(data)!r}: no such file; save a tensor or a list of tensors with torch.save")
-    loaded = torch.load(data, weights_only=True)
+    try:
+        loaded = torch.load(data, weights_only=True)
+    except Exception as error:  # torch.load raises many kinds on a foreign or damaged file
+        raise UsageError(
+            f"--data {str(data)!r}: not readable by torch.load ({type(error).__name__}); "
+            "save the inputs with torch.save"
+        ) from error
     if isinstance(loaded, torch.Tensor):
         return list(loaded.split(shape[0]))
     if isinstance(loaded, (list, tuple)) and loaded and all(isinstance(t, torch.Tensor) for t in loaded):
@@ -88,7 +103,9 @@ def calibration_batches(shape: tuple[int, ...], data: Path | None, batches: int)
     raise UsageError(f"--data {str(data)!r}: holds {type(loaded).__name__}; save a tensor or a list of tensors")
 
 
-def _quantize(args: argparse.Namespace, dump_dir: Path | None = None) -> tuple[nn.Module, fx.GraphModule, list[torch.Tensor]]:
+def _quantize(
+    args: argparse.Namespace, dump_dir: Path | None = None
+) -> tuple[nn.Module, fx.GraphModule, list[torch.Tensor]]:
     model = load_factory(args.factory)
     shape = parse_shape(args.input_shape)
     data = calibration_batches(shape, args.data, args.batches)
@@ -121,7 +138,6 @@ def _demo(args: argparse.Namespace) -> None:
     if not (root / "examples").is_dir():
         raise UsageError("demo runs the bundled examples/ of a ptqat-fx source checkout, which this install lacks")
     sys.path.insert(0, str(root))
-    args.factory, args.input_shape = _DEMO_FACTORY, _DEMO_SHAPE
     print(f"demo: {_DEMO_FACTORY}, input {_DEMO_SHAPE}, W{args.w_bits}A{args.a_bits}, random calibration data")
     _analyze(args)
 
@@ -133,33 +149,43 @@ def _dump(args: argparse.Namespace) -> None:
         print(args.dir / name, "(.txt .json .dot .svg)")
 
 
+def _command(
+    commands: argparse._SubParsersAction, name: str, parent: argparse.ArgumentParser, summary: str
+) -> argparse.ArgumentParser:
+    return commands.add_parser(name, parents=[parent], help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ptqat-fx",
-        description="PTQAT quantization for PyTorch models: quantize (PTQ calibration), measure each "
-        "layer's quantization error, pick the layers to fine-tune, and show it all.",
+        description="PTQAT quantization for PyTorch models: quantize with PTQ calibration, measure\n"
+        "each layer's quantization error, pick the layers to fine-tune, and show it all.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     options.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8 (default 8)")
-    options.add_argument("--strategy", default="small", help="which layers to fine-tune: small (PTQAT), large, random, all, none")
+    options.add_argument(
+        "--strategy", default="small", choices=STRATEGIES,
+        help="which layers to fine-tune: small (PTQAT, default), large, random, all, none",
+    )
     options.add_argument("--fraction", type=float, default=0.5, help="share of layers to select (default 0.5)")
     model = argparse.ArgumentParser(add_help=False, parents=[options])
     model.add_argument("factory", metavar="MODULE:FACTORY", help="function returning the model, e.g. examples.resnet_small:build")
     model.add_argument("--input-shape", required=True, help="shape of one input batch, e.g. 16,3,32,32")
-    model.add_argument("--data", type=Path, help="calibration inputs saved with torch.save: a tensor (split into batches) or a list of batches")
+    model.add_argument(
+        "--data", type=Path,
+        help="calibration inputs saved with torch.save: a tensor (split into batches) or a list of batches",
+    )
     model.add_argument("--batches", type=int, default=4, help="random calibration batches when --data is not given (default 4)")
-    demo = commands.add_parser("demo", parents=[options], help="quantize a bundled ResNet end to end and print its report")
+    demo = _command(commands, "demo", options, "quantize a bundled ResNet end to end and print its report")
     demo.add_argument("--html", type=Path, help="also write the HTML report here")
-    demo.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    demo.add_argument("--batches", type=int, default=8, help=argparse.SUPPRESS)
-    demo.set_defaults(run=_demo)
-    analyze = commands.add_parser("analyze", parents=[model], help="quantize a model, print the per-layer table, write the HTML report")
+    demo.set_defaults(run=_demo, factory=_DEMO_FACTORY, input_shape=_DEMO_SHAPE, data=None, batches=8)
+    analyze = _command(commands, "analyze", model, "quantize a model, print the per-layer table, write the HTML report")
     analyze.add_argument("--html", type=Path, help="write the HTML report here")
     analyze.set_defaults(run=_analyze)
-    dump = commands.add_parser("dump", parents=[model], help="write the graph after every pipeline stage (txt, json, dot, svg)")
+    dump = _command(commands, "dump", model, "write the graph after every pipeline stage (txt, json, dot, svg)")
     dump.add_argument("--dir", type=Path, required=True, help="folder for 01_traced.*, 02_..., the last one converted.*")
     dump.set_defaults(run=_dump)
     return parser

@@ -75,6 +75,15 @@ def test_bad_arguments_name_the_culprit(argv, message, capsys):
     assert message in error and error.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv", [["analyze", *MLP, "--strategy", "smallest"], ["dump", *MLP], []])
+def test_usage_errors_are_one_line_pointing_to_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ptqat-fx") and error.count("\n") == 1 and "--help)" in error
+
+
 def test_pipeline_errors_exit_1(capsys):
     assert main(["analyze", *MLP, "--a-bits", "9"]) == 1
     assert "ConfigError: QuantConfig.a_bits=9" in capsys.readouterr().err
