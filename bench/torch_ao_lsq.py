@@ -15,10 +15,15 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 
 def prepare_torch_ao_lsq(model: nn.Module, example_inputs: tuple, w_bits: int = 4, a_bits: int = 8) -> nn.Module:
-    """A torch.ao FX LSQ QAT copy of ``model`` (W``w_bits`` A``a_bits``), observers on."""
+    """A torch.ao FX LSQ QAT copy of ``model`` (W``w_bits`` A``a_bits``), observers on.
+
+    Raises ``RuntimeError`` if torch.ao inserted no activation quantizer (then the baseline
+    would not be the QAT it claims to be)."""
+    # quint8 activations: the native backend config matches only those, and silently leaves
+    # activations in float with qint8.
     activation = _LearnableFakeQuantize.with_args(
-        observer=MovingAverageMinMaxObserver, quant_min=-(2 ** (a_bits - 1)), quant_max=2 ** (a_bits - 1) - 1,
-        dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, scale=1.0, zero_point=0.0, use_grad_scaling=True,
+        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2**a_bits - 1,
+        dtype=torch.quint8, qscheme=torch.per_tensor_affine, scale=1.0, zero_point=0.0, use_grad_scaling=True,
     )
     weight = _LearnableFakeQuantize.with_args(
         observer=MovingAveragePerChannelMinMaxObserver, quant_min=-(2 ** (w_bits - 1)), quant_max=2 ** (w_bits - 1) - 1,
@@ -34,6 +39,10 @@ def prepare_torch_ao_lsq(model: nn.Module, example_inputs: tuple, w_bits: int = 
             channels = module.weight.shape[0]
             fake_quant.scale = nn.Parameter(torch.ones(channels, device=module.weight.device))
             fake_quant.zero_point = nn.Parameter(torch.zeros(channels, device=module.weight.device))
+    activations = [m for name, m in prepared.named_modules()
+                   if isinstance(m, _LearnableFakeQuantize) and not name.endswith("weight_fake_quant")]
+    if not activations:
+        raise RuntimeError("torch.ao inserted no activation fake-quantizer")
     with torch.no_grad():
         prepared(*example_inputs)
     return prepared
