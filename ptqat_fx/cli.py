@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--batches", type=int, default=4, help="random calibration batches when --data is not given (default 4)")
     demo = _command(commands, "demo", options, "quantize a bundled ResNet end to end and print its report")
     demo.add_argument("--html", type=Path, help="also write the HTML report here")
-    demo.set_defaults(run=_demo, factory=_DEMO_FACTORY, input_shape=_DEMO_SHAPE, data=None, batches=8)
+    demo.set_defaults(run=_demo, factory=_DEMO_FACTORY, input_shape=_DEMO_SHAPE, data=None, batches=4)
     analyze = _command(commands, "analyze", model, "quantize a model, print the per-layer table, write the HTML report")
     analyze.add_argument("--html", type=Path, help="write the HTML report here")
     analyze.set_defaults(run=_analyze)
