@@ -94,13 +94,14 @@ class _Inserter:
 
     def rewrite(self, node: fx.Node, count: int) -> None:
         spec: LayerSpec = node.meta[META_KEY]
-        spec.w_bits, spec.a_bits = _layer_bits(spec, count, self.config)
+        w_bits, spec.a_bits = _layer_bits(spec, count, self.config)
+        spec.w_bits = w_bits if spec.weight is not None else None
         if spec.weight is None:
             self._rewrite_matmul(node, spec)
             return
         source = node.args[0] if node.args else node.kwargs["input"]
         quantized_input = self.input_quantizer(source, spec.a_bits, node)
-        quantized_weight = self.weight_quantizer(spec, spec.w_bits, node)
+        quantized_weight = self.weight_quantizer(spec, w_bits, node)
         spec.weight_quantizer = quantized_weight.target
         spec.input_quantizers = (quantized_input.target,)
         if node.op == "call_module":
