@@ -45,12 +45,14 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     size, batch = (32, 4) if args.tiny else (224, args.global_batch)
     torch.manual_seed(0)
-    teacher = load_torchvision().models.resnet50(num_classes=10 if args.tiny else 1000).eval().to(device)
-    generator = torch.Generator(device=device).manual_seed(1)
-    batches = [torch.randn(batch, 3, size, size, generator=generator, device=device) for _ in range(args.steps)]
+    teacher = load_torchvision().models.resnet50(num_classes=10 if args.tiny else 1000).eval()
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(batch, 3, size, size, generator=generator) for _ in range(args.steps)]
     calib = [b[:8] for b in batches[:2]]
+    # quantize() fails on CUDA models (fold_bn and new quantizers create CPU tensors): quantize on the CPU.
     qmodel = ptqat_fx.quantize(teacher, (calib[0],), calib, ptqat_fx.QuantConfig(w_bits=4, a_bits=8),
-                               ptqat_fx.Select("small", fraction=0.5), progress=False)
+                               ptqat_fx.Select("small", fraction=0.5), progress=False).to(device)
+    teacher, batches = teacher.to(device), [b.to(device) for b in batches]
     reference = copy.deepcopy(qmodel)
     shard = batch // world
     shards = [b[rank * shard:(rank + 1) * shard] for b in batches]

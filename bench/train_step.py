@@ -33,7 +33,6 @@ from bench.torch_ao_lsq import prepare_torch_ao_lsq
 from tests.zoo.torchvision_zoo import load_torchvision
 
 ARMS = ("fp32", "torch_ao_lsq", "ours_qat", "ptqat_small_0.5")
-CONFIG = ptqat_fx.QuantConfig(w_bits=4, a_bits=8)
 
 
 def build_models(tiny: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
@@ -48,17 +47,21 @@ def build_models(tiny: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[i
             "ViT-B/16": (torchvision.models.vit_b_16, (64, 3, 224, 224))}
 
 
-def make_arm(arm: str, model: nn.Module, shape: tuple[int, ...], device: torch.device, calib_batches: int) -> nn.Module:
+def make_arm(arm: str, model: nn.Module, shape: tuple[int, ...], device: torch.device, calib_batches: int,
+             config: ptqat_fx.QuantConfig) -> nn.Module:
     """The training model of ``arm`` from a float ``model`` already on ``device``."""
     generator = torch.Generator(device=device).manual_seed(1)
-    calib_shape = (min(shape[0], 16), *shape[1:])
+    calib_shape = (min(shape[0], 8), *shape[1:])
     calib = [torch.randn(calib_shape, generator=generator, device=device) for _ in range(calib_batches)]
     if arm == "fp32":
         return model.train()
     if arm == "torch_ao_lsq":
-        return prepare_torch_ao_lsq(model, (calib[0],), CONFIG.w_bits, CONFIG.a_bits).train()
+        return prepare_torch_ao_lsq(model, (calib[0],), config.w_bits, config.a_bits).train()
     select = ptqat_fx.Select("all") if arm == "ours_qat" else ptqat_fx.Select("small", fraction=0.5)
-    return ptqat_fx.quantize(model.train(), (calib[0],), calib, CONFIG, select, progress=False).train()
+    # quantize() fails on CUDA models (fold_bn and new quantizers create CPU tensors; reported):
+    # quantize on the CPU, then move the result.
+    calib = [c.cpu() for c in calib]
+    return ptqat_fx.quantize(model.cpu().train(), (calib[0],), calib, config, select, progress=False).to(device).train()
 
 
 def _sync(device: torch.device) -> None:
@@ -145,13 +148,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--calib-batches", type=int, default=2)
+    parser.add_argument("--observer", default="mse", help="minmax calibrates fastest; step times do not depend on it")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip compiled arms started after this")
     parser.add_argument("--out", default="bench/train_step.json")
     parser.add_argument("--profile-out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # as cuDNN convolutions already do: TF32 for every arm
     models = build_models(args.tiny)
+    config = ptqat_fx.QuantConfig(w_bits=4, a_bits=8, w_observer=args.observer, a_observer=args.observer)
     started = time.perf_counter()
     results: dict[str, dict] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                 "torch": torch.__version__, "models": {}}
@@ -173,7 +179,7 @@ def main() -> None:
             continue
         torch._dynamo.reset()
         try:
-            model = make_arm(arm, copy.deepcopy(bases[name]).to(device), shape, device, args.calib_batches)
+            model = make_arm(arm, copy.deepcopy(bases[name]).to(device), shape, device, args.calib_batches, config)
             rows[label] = time_steps(model, shape, device, args.warmup, args.steps,
                                      args.compile_backend if compiled else None)
             if arm in args.profile_arms and not compiled:
