@@ -2,10 +2,11 @@
 
 Sample ``i`` of ``SceneDataset(seed)`` is a pure function of ``seed + i``: the scene (cars,
 pedestrians and cones on the ground plane plus unlabelled poles and walls, ego and object motion
-between two frames 0.5 s apart) is drawn with a CPU ``torch.Generator``, then both frames are
-rendered by vectorised ray casting (ground plane + oriented-box slab test) on any device, which
-gives images, per-pixel depth and instance ids. Labels keep only objects inside the range that
-cover at least ``MIN_PIXELS`` pixels of the current frame (nuScenes keeps boxes with lidar hits).
+between two frames 0.5 s apart) is drawn with a CPU ``torch.Generator``, then both frames (or the
+current one only) are rendered by vectorised ray casting (ground plane + oriented-box slab test,
+each box only over the pixel rectangle its projection covers) on any device, which gives images,
+per-pixel depth and instance ids. Labels keep only objects inside the range that cover at least
+``MIN_PIXELS`` pixels of the current frame (nuScenes keeps boxes with lidar hits).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from examples.bev import rig
 
 MAX_BOXES = 32
 MIN_PIXELS = 6
-BOX_CHUNK = {"cpu": 4, "cuda": 64}   # boxes ray-cast at once: bounded memory on CPU, few launches on GPU
 # length, width, height (m) per class; pedestrians and cones are square in plan.
 CLASS_SIZES = torch.tensor([[4.5, 1.9, 1.6], [0.7, 0.7, 1.75], [0.4, 0.4, 0.8]])
 CLASS_SPEEDS = (8.0, 1.5, 0.0)
@@ -82,9 +82,46 @@ def prev2cur(ego: torch.Tensor) -> torch.Tensor:
     return mat
 
 
+def _box_rotations(boxes: torch.Tensor) -> torch.Tensor:
+    """World -> box rotations [K, 3, 3] from the yaw column of ``boxes`` [K, 9]."""
+    cos, sin, zero = boxes[:, 6].cos(), boxes[:, 6].sin(), torch.zeros_like(boxes[:, 6])
+    return torch.stack([cos, sin, zero, -sin, cos, zero, zero, zero, zero + 1], -1).unflatten(-1, (3, 3))
+
+
+NEAR = 1e-3   # m: the near plane boxes are clipped at when bounding their image rectangles
+_CORNER_SIGNS = torch.tensor([[sx, sy, sz] for sx in (-1.0, 1.0) for sy in (-1.0, 1.0) for sz in (-1.0, 1.0)])
+_EDGES = torch.tensor([(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1])
+
+
+def pixel_rects(cam2world: torch.Tensor, intrins: torch.Tensor, boxes: torch.Tensor) -> list[list[tuple[int, int, int, int, int]]]:
+    """Per camera, ``(box, v0, v1, u0, u1)`` pixel rectangles (end exclusive) that hold every pixel whose
+    centre ray can hit the box: the bounds, plus one pixel, of the projected box clipped at ``NEAR``
+    (its corners in front and its edges' crossings of the near plane); boxes out of view are left out."""
+    half = boxes[:, [4, 3, 5]] / 2
+    corners = boxes[:, None, :3] + (_CORNER_SIGNS * half[:, None]) @ _box_rotations(boxes)      # [K, 8, 3]
+    world2cam = rig.rigid_inverse(cam2world.cpu().float())
+    cam = corners[None] @ world2cam[:, None, :3, :3].transpose(-1, -2) + world2cam[:, None, None, :3, 3]  # [6, K, 8, 3]
+    a, b = cam[:, :, _EDGES[:, 0]], cam[:, :, _EDGES[:, 1]]
+    share = ((NEAR - a[..., 2]) / (b[..., 2] - a[..., 2]))[..., None]
+    points = torch.cat([cam, a + share * (b - a)], 2)
+    keep = torch.cat([cam[..., 2] >= NEAR, (a[..., 2] - NEAR) * (b[..., 2] - NEAR) < 0], 2)
+    uv = (points @ intrins.cpu().float().T)[..., :2] / points[..., 2:].clamp(min=NEAR)
+    lo = torch.where(keep[..., None], uv, torch.inf).amin(2).floor() - 1
+    hi = torch.where(keep[..., None], uv, -torch.inf).amax(2).ceil() + 1
+    limit = torch.tensor([rig.IMG_W, rig.IMG_H], dtype=lo.dtype)
+    lo, hi = torch.minimum(lo.clamp(min=0), limit), torch.minimum(hi.clamp(min=0), limit)
+    rects: list[list[tuple[int, int, int, int, int]]] = []
+    for lo_c, hi_c in zip(lo.int().tolist(), hi.int().tolist()):
+        rects.append([(k, v0, v1, u0, u1) for k, ((u0, v0), (u1, v1)) in enumerate(zip(lo_c, hi_c)) if u0 < u1 and v0 < v1])
+    return rects
+
+
 def render(cam2world: torch.Tensor, intrins: torch.Tensor, boxes: torch.Tensor, colours: torch.Tensor,
            sun: torch.Tensor, ground: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Ray-cast one frame: images [6, 3, H, W], depth [6, H, W] (0 = sky), instance ids [6, H, W] (-1 = none)."""
+    """Ray-cast one frame: images [6, 3, H, W], depth [6, H, W] (0 = sky), instance ids [6, H, W] (-1 = none).
+
+    Each box is slab-tested only against the rays of its ``pixel_rects`` rectangle in each camera (the
+    nearest hit wins, the lower box index on ties); the other rays cannot hit it."""
     dev = cam2world.device
     vs, us = torch.meshgrid(torch.arange(rig.IMG_H, device=dev) + 0.5, torch.arange(rig.IMG_W, device=dev) + 0.5, indexing="ij")
     pix = torch.stack([us, vs, torch.ones_like(us)], -1).reshape(-1, 3)
@@ -96,27 +133,23 @@ def render(cam2world: torch.Tensor, intrins: torch.Tensor, boxes: torch.Tensor, 
     best_t, best_id = t_ground.clone(), torch.full_like(t_ground, -1, dtype=torch.long)
     best_normal = torch.zeros_like(dirs)
     best_normal[..., 2] = 1.0
-    step = BOX_CHUNK.get(dev.type, 4)
-    for first in range(0, boxes.shape[0], step):
-        chunk = boxes[first : first + step, :7].to(dev)
-        cos, sin, zero = chunk[:, 6].cos(), chunk[:, 6].sin(), torch.zeros_like(chunk[:, 6])
-        rot = torch.stack([cos, sin, zero, -sin, cos, zero, zero, zero, zero + 1], -1).unflatten(-1, (3, 3))  # world -> box
-        o_l = torch.einsum("crkj,kij->crki", origin[:, :, None, :] - chunk[:, :3], rot)
-        d_l = torch.einsum("crj,kij->crki", dirs, rot)
-        d_l = torch.where(d_l.abs() < 1e-9, torch.full_like(d_l, 1e-9), d_l)
-        half = chunk[:, [4, 3, 5]] / 2                                    # length, width, height along box axes
-        t1, t2 = (-half - o_l) / d_l, (half - o_l) / d_l
-        t_near, axis = torch.minimum(t1, t2).max(-1)
-        t_far = torch.maximum(t1, t2).min(-1).values
-        t_near = torch.where((t_near <= t_far) & (t_near > 0), t_near, torch.full_like(t_near, 1e4))
-        t_min, k_min = t_near.min(-1)
-        normal_l = -torch.nn.functional.one_hot(axis, 3).float() * d_l.sign()
-        normal = torch.einsum("crki,kij->crkj", normal_l, rot)
-        normal = normal.gather(2, k_min[..., None, None].expand(-1, -1, 1, 3)).squeeze(2)
-        hit = t_min < best_t
-        best_t = torch.where(hit, t_min, best_t)
-        best_id = torch.where(hit, k_min + first, best_id)
-        best_normal = torch.where(hit[..., None], normal, best_normal)
+    grid = (-1, rig.IMG_H, rig.IMG_W)
+    dirs_img, t_img, id_img, normal_img = dirs.view(*grid, 3), best_t.view(grid), best_id.view(grid), best_normal.view(*grid, 3)
+    rots, halves = _box_rotations(boxes).to(dev), (boxes[:, [4, 3, 5]] / 2).to(dev)   # length, width, height along box axes
+    centres = boxes[:, :3].to(dev)
+    for c, rects in enumerate(pixel_rects(cam2world, intrins, boxes)):
+        o_l = rots @ (cam2world[c, :3, 3] - centres)[..., None]           # [K, 3, 1]: the camera in each box's frame
+        for k, v0, v1, u0, u1 in rects:
+            d_l = dirs_img[c, v0:v1, u0:u1] @ rots[k].T
+            d_l = torch.where(d_l.abs() < 1e-9, torch.full_like(d_l, 1e-9), d_l)
+            t1, t2 = (-halves[k] - o_l[k, :, 0]) / d_l, (halves[k] - o_l[k, :, 0]) / d_l
+            t_near, axis = torch.minimum(t1, t2).max(-1)
+            t_far = torch.maximum(t1, t2).min(-1).values
+            hit = (t_near <= t_far) & (t_near > 0) & (t_near < t_img[c, v0:v1, u0:u1])
+            normal = (-torch.nn.functional.one_hot(axis, 3).float() * d_l.sign()) @ rots[k]
+            t_img[c, v0:v1, u0:u1] = torch.where(hit, t_near, t_img[c, v0:v1, u0:u1])
+            id_img[c, v0:v1, u0:u1] = torch.where(hit, k, id_img[c, v0:v1, u0:u1])
+            normal_img[c, v0:v1, u0:u1] = torch.where(hit[..., None], normal, normal_img[c, v0:v1, u0:u1])
     point = origin + best_t[..., None] * dirs
     shade = 0.45 + 0.55 * (best_normal @ sun.to(dev)).clamp(min=0)
     tex = 0.06 * torch.sin(0.9 * point[..., 0]) * torch.sin(1.1 * point[..., 1]) + 0.25 * (torch.remainder(point[..., 1], 7.0) < 0.15)
@@ -145,20 +178,27 @@ def heatmap(boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return heat
 
 
-def make_sample(seed: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """One training sample (inputs and targets) drawn from ``seed``; see the module docstring."""
+def make_sample(seed: int, device: str | torch.device = "cpu", frames: int = 2) -> dict[str, torch.Tensor]:
+    """One training sample (inputs and targets) drawn from ``seed``; see the module docstring.
+
+    ``imgs`` is [frames, 6, 3, H, W]: the current frame, then the previous one unless ``frames=1``
+    (for single-frame models; everything else, the current frame included, is the same)."""
+    if frames not in (1, 2):
+        raise ValueError(f"make_sample(frames={frames!r}): a sample has 1 (current) or 2 (current, previous) frames")
     gen = torch.Generator().manual_seed(seed)
     scene = sample_scene(gen)
     intrins = rig.intrinsics()
     c2e = rig.cam2ego(*scene["cam_jitter"])
     p2c = prev2cur(scene["ego"])
-    noise = 0.03 * torch.randn(2, rig.NUM_CAMS, 3, rig.IMG_H, rig.IMG_W, generator=gen)
+    noise = 0.03 * torch.randn(frames, rig.NUM_CAMS, 3, rig.IMG_H, rig.IMG_W, generator=gen)   # last draw; frame 0 gets the same noise for any frames
     boxes, labels = scene["boxes"], scene["labels"]
     prev_boxes = boxes.clone()
     prev_boxes[:, :2] -= boxes[:, 7:9] * rig.FRAME_DT
     args = (intrins.to(device), scene["colours"], scene["sun"], scene["ground"])
     img_cur, depth, inst = render(c2e.to(device), args[0], boxes, *args[1:], noise[0])
-    img_prev, _, _ = render((p2c @ c2e).to(device), args[0], prev_boxes, *args[1:], noise[1])
+    imgs = [img_cur]
+    if frames == 2:
+        imgs.append(render((p2c @ c2e).to(device), args[0], prev_boxes, *args[1:], noise[1])[0])
     pixels = torch.bincount(inst.flatten().clamp(min=-1) + 1, minlength=len(labels) + 1)[1:].cpu()
     inside = (boxes[:, :2].abs() < rig.RANGE).all(-1)
     keep = (labels >= 0) & inside & (pixels >= MIN_PIXELS)
@@ -170,7 +210,7 @@ def make_sample(seed: int, device: str | torch.device = "cpu") -> dict[str, torc
     can_bus = torch.zeros(18)
     can_bus[:4] = torch.tensor([speed, 0.0, yaw_rate, rig.FRAME_DT])
     return {
-        "imgs": torch.stack([img_cur, img_prev]).cpu(), "depth": depth.cpu(), "instances": inst.cpu(),
+        "imgs": torch.stack(imgs).cpu(), "depth": depth.cpu(), "instances": inst.cpu(),
         "cam2ego": c2e, "intrins": intrins.expand(rig.NUM_CAMS, 3, 3).clone(), "lidar2img": rig.ego2img(c2e, intrins),
         "prev2cur": p2c, "can_bus": can_bus, "time_diff": torch.tensor([0.0, rig.FRAME_DT]),
         "heatmap": heatmap(boxes[keep], labels[keep]), "boxes": padded_boxes, "labels": padded_labels,
@@ -178,10 +218,10 @@ def make_sample(seed: int, device: str | torch.device = "cpu") -> dict[str, torc
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """``length`` samples; sample ``i`` is ``make_sample(seed + i)`` (rendered on ``device``)."""
+    """``length`` samples; sample ``i`` is ``make_sample(seed + i, device, frames)``."""
 
-    def __init__(self, seed: int, length: int, device: str | torch.device = "cpu") -> None:
-        self.seed, self.length, self.device = seed, length, device
+    def __init__(self, seed: int, length: int, device: str | torch.device = "cpu", frames: int = 2) -> None:
+        self.seed, self.length, self.device, self.frames = seed, length, device, frames
 
     def __len__(self) -> int:
         return self.length
@@ -189,7 +229,7 @@ class SceneDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(f"SceneDataset index {index} out of range [0, {self.length})")
-        return make_sample(self.seed + index, self.device)
+        return make_sample(self.seed + index, self.device, self.frames)
 
 
 def example_batch(batch: int = 1, seed: int = 10_000) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import time
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -40,11 +41,11 @@ def build(name: str, checkpoint: str | None = None) -> torch.nn.Module:
     return model
 
 
-def render_set(seed: int, count: int, device: torch.device, max_seconds: float) -> dict[str, torch.Tensor]:
+def render_set(seed: int, count: int, device: torch.device, max_seconds: float = float("inf"), frames: int = 2) -> dict[str, torch.Tensor]:
     """Samples ``seed ..`` stacked on ``device`` (images and depth in fp16); stops early after ``max_seconds``."""
     start, samples = time.perf_counter(), []
     for i in range(count):
-        sample = scenes.make_sample(seed + i, device)
+        sample = scenes.make_sample(seed + i, device, frames)
         sample.pop("instances")
         samples.append({k: (v.half() if k in ("imgs", "depth") else v).to(device) for k, v in sample.items()})
         if time.perf_counter() - start > max_seconds:
@@ -57,13 +58,17 @@ def take(data: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, module: ModuleType, data: dict[str, torch.Tensor], batch: int = 8) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, module: ModuleType, data: dict[str, torch.Tensor], batch: int = 8,
+             decode: Callable[[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]] | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on ``data``; ``decode`` defaults to ``model.decode`` (pass the float model's
+    for a quantized GraphModule, which has none)."""
     model.eval()
+    decode = decode or model.decode
     predictions, targets = [], []
     count = len(data["labels"])
     for first in range(0, count, batch):
         chunk = take(data, torch.arange(first, min(first + batch, count), device=data["labels"].device))
-        predictions += model.decode(model(*module.inputs(chunk)))
+        predictions += decode(model(*module.inputs(chunk)))
         targets += metric.ground_truth(chunk)
     return metric.evaluate(predictions, targets)
 

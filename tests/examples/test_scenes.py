@@ -63,3 +63,40 @@ def test_targets_agree_with_boxes(sample: dict[str, torch.Tensor]) -> None:
     assert len(d) > 100 and ego[:, 2].abs().max() < 1e-3
     assert sample["imgs"].shape == (2, rig.NUM_CAMS, 3, rig.IMG_H, rig.IMG_W)
     assert torch.equal(sample["prev2cur"][3], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+
+
+def test_culled_render_matches_a_float64_slab_test_over_every_pixel() -> None:
+    # Reference: every ray against every box (no culling) in float64; the renderer tests each box
+    # only inside its projected pixel rectangle, so a rectangle too small would lose pixels here.
+    scene = scenes.sample_scene(torch.Generator().manual_seed(3))
+    c2e, intrins = rig.cam2ego(*scene["cam_jitter"]), rig.intrinsics()
+    _, depth, inst = scenes.render(c2e, intrins, scene["boxes"], scene["colours"], scene["sun"], scene["ground"], torch.zeros(1))
+    vs, us = torch.meshgrid(torch.arange(rig.IMG_H) + 0.5, torch.arange(rig.IMG_W) + 0.5, indexing="ij")
+    pix = torch.stack([us, vs, torch.ones_like(us)], -1).reshape(-1, 3).double()
+    c2e64 = c2e.double()
+    dirs = pix @ torch.linalg.inv(intrins.double()).T @ c2e64[:, :3, :3].transpose(1, 2)     # [6, HW, 3]
+    origin = c2e64[:, None, :3, 3]
+    best_t = torch.where(dirs[..., 2] < -1e-6, -origin[..., 2] / dirs[..., 2].clamp(max=-1e-6), torch.full(dirs.shape[:2], 1e4, dtype=torch.float64))
+    best_id = torch.full(dirs.shape[:2], -1)
+    for k, box in enumerate(scene["boxes"].double()):
+        cos, sin = math.cos(box[6]), math.sin(box[6])
+        rot = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+        o_l, d_l = (origin - box[:3]) @ rot.T, dirs @ rot.T
+        half = box[[4, 3, 5]] / 2
+        t1, t2 = (-half - o_l) / d_l, (half - o_l) / d_l
+        t_near, t_far = torch.minimum(t1, t2).amax(-1), torch.maximum(t1, t2).amin(-1)
+        hit = (t_near <= t_far) & (t_near > 0) & (t_near < best_t)
+        best_t, best_id = torch.where(hit, t_near, best_t), torch.where(hit, k, best_id)
+    best_id = best_id.reshape(inst.shape)
+    assert (best_id >= 0).sum() > 1000
+    assert (best_id != inst).float().mean() < 1e-4
+    same = (best_id == inst) & (depth > 0)
+    assert torch.allclose(depth[same].double(), best_t.reshape(depth.shape)[same], rtol=1e-5)
+
+
+def test_current_frame_only_sample_equals_the_two_frame_one(sample: dict[str, torch.Tensor]) -> None:
+    single = scenes.make_sample(7, frames=1)
+    assert single["imgs"].shape == (1, rig.NUM_CAMS, 3, rig.IMG_H, rig.IMG_W)
+    assert torch.equal(single["imgs"][0], sample["imgs"][0])
+    for key in sample.keys() - {"imgs"}:
+        assert torch.equal(single[key], sample[key]), key
