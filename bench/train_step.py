@@ -58,10 +58,7 @@ def make_arm(arm: str, model: nn.Module, shape: tuple[int, ...], device: torch.d
     if arm == "torch_ao_lsq":
         return prepare_torch_ao_lsq(model, (calib[0],), config.w_bits, config.a_bits).train()
     select = ptqat_fx.Select("all") if arm == "ours_qat" else ptqat_fx.Select("small", fraction=0.5)
-    # quantize() fails on CUDA models (fold_bn and new quantizers create CPU tensors; reported):
-    # quantize on the CPU, then move the result.
-    calib = [c.cpu() for c in calib]
-    return ptqat_fx.quantize(model.cpu().train(), (calib[0],), calib, config, select, progress=False).to(device).train()
+    return ptqat_fx.quantize(model.train(), (calib[0],), calib, config, select, progress=False).train()
 
 
 def _sync(device: torch.device) -> None:

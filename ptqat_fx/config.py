@@ -98,7 +98,7 @@ class Select:
     Args:
         strategy: ``small`` (PTQAT: lowest discrepancy first), ``large`` (highest first, for
             ablation), ``random`` (seeded), ``all`` (full QAT), ``none`` (pure PTQ).
-        fraction: share of quantizable layers to train, in (0, 1]; ``round(fraction * N)``
+        fraction: share of quantizable layers to train, in (0, 1]; ``floor(fraction * N)``
             layers (at least one) are selected. Ignored when ``theta`` or ``param_budget``
             is given.
         theta: select layers whose discrepancy is below (``small``) or above (``large``)

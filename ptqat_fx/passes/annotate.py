@@ -3,6 +3,12 @@
 Quantizable: convolutions (1-3d), transposed convolutions, linear layers (as modules or as
 functional calls on a parameter) and matrix products of two activations (``matmul``, ``@``,
 ``bmm``, ``mm``). Everything else (norms, softmax, sampling, geometry) stays in float.
+
+An activation here is a tensor computed from the output of a layer (or of a module with
+parameters the tracer kept whole). A matrix product with an operand that is not, such as
+camera matrices times pixel rays or box centres projected by ``lidar2img``, is geometry: an
+8-bit grid over coordinates tens of metres wide would move points across BEV cells, so it
+stays in float.
 """
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ def _functional_name(node: fx.Node) -> str:
     return f"{owner}.{node.name}" if owner else node.name
 
 
-def _layer_of(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> LayerSpec | None:
+def _layer_of(gm: fx.GraphModule, node: fx.Node, calls: Counter, features: set[fx.Node]) -> LayerSpec | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         kind = MODULE_KINDS.get(type(module))
@@ -83,9 +89,18 @@ def _layer_of(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> LayerSpec | 
     is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in MATMUL_METHODS
     )
-    if is_matmul:
+    if is_matmul and all(operand in features for operand in node.args[:2]):
         return LayerSpec(_functional_name(node), "matmul", None, None, None, 0, -1)
     return None
+
+
+def _makes_features(gm: fx.GraphModule, node: fx.Node, features: set[fx.Node]) -> bool:
+    """Whether ``node``'s output is an activation: computed from a layer's output."""
+    if any(source in features for source in node.all_input_nodes):
+        return True
+    if node.op == "call_module":
+        return any(True for _ in gm.get_submodule(node.target).parameters())
+    return node.op == "call_function" and node.target in FUNCTION_KINDS and _function_weight(node) is not None
 
 
 def annotate(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphModule:
@@ -95,10 +110,13 @@ def annotate(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphM
     """
     config = config or QuantConfig()
     calls: Counter = Counter()
+    features: set[fx.Node] = set()
     index = 0
     for node in gm.graph.nodes:
         node.meta.pop(META_KEY, None)
-        spec = _layer_of(gm, node, calls)
+        if _makes_features(gm, node, features):
+            features.add(node)
+        spec = _layer_of(gm, node, calls, features)
         if spec is None or config.skips(spec.module_path or spec.name, spec.kind):
             continue
         spec.index = index

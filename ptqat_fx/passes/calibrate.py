@@ -15,7 +15,7 @@ from torch import fx
 from ..batches import model_args
 from ..errors import CalibrationError
 from ..progress import progress_bar
-from ..quantizer import quantizers
+from ..quantizer import FakeQuantizer, quantizers
 
 
 def _check_finite(args: tuple, index: int) -> None:
@@ -27,6 +27,16 @@ def _check_finite(args: tuple, index: int) -> None:
             )
 
 
+def _model_device(gm: fx.GraphModule) -> torch.device | None:
+    """Where the model's own parameters and buffers live (quantizers are made on the CPU)."""
+    for module in gm.modules():
+        if isinstance(module, FakeQuantizer):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            return tensor.device
+    return None
+
+
 def calibrate(
     gm: fx.GraphModule,
     calib_data: Iterable[Any],
@@ -35,6 +45,8 @@ def calibrate(
     progress: bool = True,
 ) -> fx.GraphModule:
     """Observe ``calib_data`` and initialise every quantizer's step size; returns ``gm``.
+
+    Quantizers move to the device of the model's parameters first.
 
     Args:
         gm: a graph with FakeQuantizers (``insert_quantizers``).
@@ -47,8 +59,11 @@ def calibrate(
         CalibrationError: empty data, or a batch with NaN/Inf (naming the batch index).
     """
     all_quantizers = quantizers(gm)
+    device = _model_device(gm)
     for quantizer in all_quantizers.values():
         quantizer.observe()
+        if device is not None:
+            quantizer.to(device)
     was_training = gm.training
     gm.eval()
     seen = 0

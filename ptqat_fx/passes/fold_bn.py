@@ -20,7 +20,7 @@ def fused_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``conv`` whose weight and bias absorb ``bn``'s eval-mode affine map."""
     fused = copy.deepcopy(conv)
     weight = conv.weight.detach().double()
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bias)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(bias)
     factor = gamma / torch.sqrt(bn.running_var.double() + bn.eps)

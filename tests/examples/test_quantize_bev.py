@@ -18,18 +18,18 @@ from ptqat_fx.attention import unfuse_attention
 from ptqat_fx.coverage import coverage
 from ptqat_fx.tracing import trace
 
-# The matmuls on camera/ego geometry (frustum unprojection, ego-motion warps, reference-point
-# projection) are activation x activation products, so ``annotate`` makes them quantizable
-# layers; an 8-bit grid on coordinates of tens of metres moves points across BEV cells and
-# sampling pixels (TinyBEVDet W8A8 heatmap error 0.15 with it quantized, 0.04 without). They
-# are kept in float here through QuantConfig.skip (node names of the traced graph).
-GEOMETRY = {
-    "bevdet": ("lift.matmul",),
-    "bevdepth4d": ("lift.matmul", "matmul_1", "matmul_2"),
-    "bevformer": ("encoder.*.sca.matmul*", "matmul_2", "matmul_3"),
-    "sparsebev": ("layer.matmul_2", "layer.matmul_7"),
+# Matrix products on camera/ego geometry (frustum unprojection, ego-motion warps, reference-point
+# projection) have an operand that is not computed from any layer, so ``annotate`` keeps them in
+# float; attention and adaptive-mixing products of two features are the quantized ones.
+QUANTIZED_MATMULS = {
+    "bevdet": set(),
+    "bevdepth4d": set(),
+    "bevformer": {f"decoder.{i}.self_attn.matmul_{j}" for i, j in ((0, 6), (0, 7), (1, 8), (1, 9))},
+    "sparsebev": {f"layer.{owner}.matmul{suffix}" for owner, suffix in (
+        ("self_attn", ""), ("self_attn", "_1"), ("mixing", "_3"), ("mixing", "_4"),
+        ("self_attn", "_5"), ("self_attn", "_6"), ("mixing", "_8"), ("mixing", "_9"))},
 }
-# Relative L2 error of W8A8 (geometry in float) on a scene other than the calibration one:
+# Relative L2 error of W8A8 on a scene other than the calibration one:
 # (score output, worst output). Measured (0.037, 0.18), (0.063, 0.37), (0.023, 0.043),
 # (0.042, 0.058); the bounds add a margin. BEVDet's rot/vel maps are nearly unlearned noise.
 W8A8_BOUNDS = {"bevdet": (0.08, 0.3), "bevdepth4d": (0.12, 0.5), "bevformer": (0.06, 0.1), "sparsebev": (0.09, 0.12)}
@@ -98,25 +98,14 @@ def test_w4a8_quantizes_every_layer_and_the_report_lists_them(name: str, batches
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_w8a8_with_geometry_in_float_stays_close_to_float(name: str, batches: tuple[dict[str, torch.Tensor], ...]) -> None:
+def test_w8a8_keeps_geometry_in_float_and_stays_close_to_float(name: str, batches: tuple[dict[str, torch.Tensor], ...]) -> None:
     model, inputs = _model(name, batches[0])
     _, held_out = _model(name, batches[1])
-    config = ptqat_fx.QuantConfig(w_bits=8, a_bits=8, skip=GEOMETRY[name])
+    config = ptqat_fx.QuantConfig(w_bits=8, a_bits=8)
     qmodel = ptqat_fx.quantize(model, inputs, [inputs], config, select=None, progress=False)
-    skipped = {row.name for row in ptqat_fx.report(qmodel).rows} & {"lift.matmul", "matmul_1", "matmul_2", "matmul_3"}
-    assert not skipped
+    assert {row.name for row in ptqat_fx.report(qmodel).rows if row.kind == "matmul"} == QUANTIZED_MATMULS[name]
     with torch.no_grad():
         errors = _relative_errors(qmodel.eval()(*held_out), model(*held_out))
     score_bound, worst_bound = W8A8_BOUNDS[name]
     assert errors[SCORE[name]] < score_bound, errors
     assert max(errors.values()) < worst_bound, errors
-
-
-@pytest.mark.xfail(strict=True, reason="annotate makes geometry matmuls quantizable layers (see GEOMETRY)")
-def test_default_w8a8_keeps_bevdet_geometry_in_float(batches: tuple[dict[str, torch.Tensor], ...]) -> None:
-    model, inputs = _model("bevdet", batches[0])
-    _, held_out = _model("bevdet", batches[1])
-    qmodel = ptqat_fx.quantize(model, inputs, [inputs], ptqat_fx.QuantConfig(w_bits=8, a_bits=8), select=None, progress=False)
-    with torch.no_grad():
-        errors = _relative_errors(qmodel.eval()(*held_out), model(*held_out))
-    assert errors["heatmap"] < W8A8_BOUNDS["bevdet"][0], errors

@@ -103,3 +103,19 @@ def test_module_called_twice_shares_its_weight_quantizer():
     specs = layer_specs(_prepared(Twice()))
     assert [s.name for s in specs] == ["fc", "fc#1"]
     assert specs[0].weight_quantizer == specs[1].weight_quantizer
+
+
+def test_geometry_matmuls_stay_in_float():
+    class Projection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, points, camera):
+            rays = camera @ points  # inputs only: geometry
+            moved = self.fc(rays.transpose(1, 2))
+            projected = moved @ camera  # a feature times a camera matrix: still geometry
+            return moved @ moved.transpose(1, 2) + projected.sum()  # two features: quantized
+
+    specs = layer_specs(_prepared(Projection()))
+    assert [s.kind for s in specs] == ["linear", "matmul"]
