@@ -125,7 +125,9 @@ def quantize(
         data = list(data)
     gm = after("calibrated", calibrate(gm, data, len(example_inputs), progress=progress))
     if select is not None:
-        gm = after("analysed", discrepancy(gm, data, len(example_inputs), modes=(select.mode,), progress=progress))
+        gm = after("analysed", discrepancy(
+            gm, data, len(example_inputs), modes=(select.mode,), metrics=(select.metric,), progress=progress
+        ))
         gm = after("selected", select_layers(gm, select))
         gm = after("frozen", freeze(gm, select.train_other_params))
     gm.train(model.training)

@@ -31,7 +31,8 @@ from ..config import METRICS, MODES
 from ..errors import CalibrationError, ConfigError
 from ..layer_spec import META_KEY, LayerSpec, layer_specs
 from ..progress import progress_bar
-from ..quantizer import FakeQuantizer
+from ..quantizer import FakeQuantizer, fake_quantize_forward
+from .freeze import FLOAT_WEIGHT_KEY
 
 
 @dataclass
@@ -48,21 +49,30 @@ class _Both:
         return self.local if self.local is not None else self.float
 
 
-def _distances(q: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample metric values, shape [samples], from four reductions per sample."""
+def _distances(q: torch.Tensor, x: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-sample values of ``metrics``, shape [samples]; only the reductions they need run."""
     samples = q.shape[0] if q.dim() > 0 else 1
     q = q.detach().float().reshape(samples, -1)
     x = x.detach().float().reshape(samples, -1)
-    difference = (q - x).norm(dim=1).double()
-    x_norm = x.norm(dim=1).double()
-    q_norm = q.norm(dim=1).double()
-    dot = (q * x).sum(dim=1).double()
-    return {
-        "euclidean": difference,
-        "relative": difference / x_norm.clamp_min(1e-12),
-        "mse": difference.square() / q.shape[1],
-        "cosine": 1 - dot / (q_norm * x_norm).clamp_min(1e-12),
-    }
+    values: dict[str, torch.Tensor] = {}
+    if {"euclidean", "relative", "mse"} & set(metrics):
+        difference = torch.linalg.vector_norm(q - x, dim=1).double()
+        values["euclidean"] = difference
+        values["mse"] = difference.square() / q.shape[1]
+    if {"relative", "cosine"} & set(metrics):
+        x_norm = torch.linalg.vector_norm(x, dim=1).double()
+    if "relative" in metrics:
+        values["relative"] = difference / x_norm.clamp_min(1e-12)
+    if "cosine" in metrics:
+        q_norm = torch.linalg.vector_norm(q, dim=1).double()
+        dot = torch.linalg.vecdot(q, x, dim=1).double()
+        values["cosine"] = 1 - dot / (q_norm * x_norm).clamp_min(1e-12)
+    return {metric: values[metric] for metric in metrics}
+
+
+def _fake_quantize(quantizer: FakeQuantizer, x: torch.Tensor) -> torch.Tensor:
+    # The arithmetic alone: no module call or autograd Function on the way (no_grad here).
+    return fake_quantize_forward(x, quantizer.scale, quantizer.qmin, quantizer.qmax, quantizer.channel_axis)
 
 
 class DiscrepancyInterpreter(fx.Interpreter):
@@ -76,9 +86,12 @@ class DiscrepancyInterpreter(fx.Interpreter):
         interpreter.means()   # {layer name: {"accumulated.relative": ..., ...}}
     """
 
-    def __init__(self, gm: fx.GraphModule, modes: Sequence[str] = ("accumulated",)) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, modes: Sequence[str] = ("accumulated",), metrics: Sequence[str] = METRICS
+    ) -> None:
         super().__init__(gm)
         self.modes = tuple(modes)
+        self.metrics = tuple(metrics)
         self.sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self.samples: dict[str, int] = defaultdict(int)
         # Weights do not change during the analysis: quantize each once, not once per batch.
@@ -87,6 +100,8 @@ class DiscrepancyInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "get_attr"):
             value = super().run_node(n)
+            if FLOAT_WEIGHT_KEY in n.meta:  # a frozen layer's dequantized weight
+                return _Both(self.module.get_parameter(n.meta[FLOAT_WEIGHT_KEY]), value, value)
             return _Both(value, value)
         float_args, float_kwargs = self._side(n, "float")
         # Layers fused with their input quantizers (freeze) name their float form.
@@ -99,11 +114,11 @@ class DiscrepancyInterpreter(fx.Interpreter):
             (float_in,), (quantized_in,) = float_args, self._side(n, "quantized")[0]
             if n.args[0].op == "get_attr":
                 if n.name not in self.quantized_constants:
-                    self.quantized_constants[n.name] = quantizer(float_in)
+                    self.quantized_constants[n.name] = _fake_quantize(quantizer, float_in)
                 constant = self.quantized_constants[n.name]
                 return _Both(float_in, constant, constant)
-            local = quantizer(float_in) if "local" in self.modes else None
-            return _Both(float_in, quantizer(quantized_in), local)
+            local = _fake_quantize(quantizer, float_in) if "local" in self.modes else None
+            return _Both(float_in, _fake_quantize(quantizer, quantized_in), local)
         quantized_args, quantized_kwargs = self._side(n, "quantized")
         quantized_out = getattr(self, n.op)(n.target, quantized_args, quantized_kwargs)
         spec: LayerSpec | None = n.meta.get(META_KEY)
@@ -128,7 +143,7 @@ class DiscrepancyInterpreter(fx.Interpreter):
             outputs["local"] = getattr(self, n.op)(n.target, local_args, local_kwargs)
         sums = self.sums[spec.name]
         for mode, output in outputs.items():
-            for metric, values in _distances(output, float_out).items():
+            for metric, values in _distances(output, float_out, self.metrics).items():
                 key = f"{mode}.{metric}"
                 sums[key] = sums[key] + values.sum() if key in sums else values.sum()
         self.samples[spec.name] += float_out.shape[0] if float_out.dim() > 0 else 1
@@ -147,6 +162,7 @@ def discrepancy(
     arity: int,
     *,
     modes: Sequence[str] = ("accumulated",),
+    metrics: Sequence[str] = METRICS,
     progress: bool = True,
 ) -> fx.GraphModule:
     """Measure every annotated layer's discrepancy over ``data``; returns ``gm``.
@@ -156,6 +172,8 @@ def discrepancy(
         data: batches of model inputs (as for calibration).
         arity: number of positional model inputs.
         modes: any of ``local`` and ``accumulated``.
+        metrics: any of ``euclidean``, ``relative``, ``mse``, ``cosine`` (all by default;
+            ``quantize`` measures only the one its selection ranks by).
         progress: show a progress bar.
 
     Fills ``LayerSpec.discrepancy["<mode>.<metric>"]`` for every layer and metric.
@@ -163,10 +181,12 @@ def discrepancy(
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
         raise ConfigError(f"discrepancy modes={tuple(modes)!r}: choose from {MODES}")
+    if set(metrics) - set(METRICS) or not metrics:
+        raise ConfigError(f"discrepancy metrics={tuple(metrics)!r}: choose from {METRICS}")
     for name, module in gm.named_modules():
         if isinstance(module, FakeQuantizer) and not module.calibrated:
             raise CalibrationError(f"quantizer {name!r} is not calibrated; run calibrate() first")
-    interpreter = DiscrepancyInterpreter(gm, modes)
+    interpreter = DiscrepancyInterpreter(gm, modes, metrics)
     was_training = gm.training
     gm.eval()
     batches = 0

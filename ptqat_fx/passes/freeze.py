@@ -37,6 +37,7 @@ from ..quantizer import FakeQuantizer, is_quantizer_node
 from .annotate import MATMUL_FUNCTIONS, MATMUL_METHODS
 from .unfuse import FUSED_FROM_KEY
 
+FLOAT_WEIGHT_KEY = "ptqat_float_weight"
 _FROZEN_CONV_TARGETS = {F.conv1d, F.conv2d, F.conv3d}
 _KEEPS_OUTPUT_MODULES = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Softmax)
 _KEEPS_OUTPUT_FUNCTIONS = {F.relu, torch.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softmax, torch.softmax}
@@ -73,6 +74,8 @@ def _freeze_weight(gm: fx.GraphModule, node: fx.Node, spec: LayerSpec) -> None:
     quantizer.register_buffer("frozen_weight", constant)
     with gm.graph.inserting_before(weight_node):
         frozen = gm.graph.get_attr(f"{spec.weight_quantizer}.frozen_weight")
+    # The analysis reads the float side of a frozen weight from here.
+    frozen.meta[FLOAT_WEIGHT_KEY] = spec.weight
     weight_node.replace_all_uses_with(frozen)
     if not weight_node.users:
         parameter_node = weight_node.args[0]

@@ -77,10 +77,11 @@ def test_table_rows_in_graph_order():
     assert all(r["value"] > 0 for r in rows)
 
 
-def test_analysis_after_freeze_matches_analysis_before():
+@pytest.mark.parametrize("strategy", ["all", "small", "none"])
+def test_analysis_after_freeze_matches_analysis_before(strategy):
     data = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
     model = resnet_small.build()
-    gm = ptqat_fx.quantize(model, (data[0],), data, select=ptqat_fx.Select("all"), progress=False)
+    gm = ptqat_fx.quantize(model, (data[0],), data, select=ptqat_fx.Select(strategy), progress=False)
     before = [s.discrepancy["accumulated.relative"] for s in layer_specs(gm)]
     discrepancy(gm, data, 1, progress=False)
     after = [s.discrepancy["accumulated.relative"] for s in layer_specs(gm)]
