@@ -50,22 +50,25 @@ class _Both:
 
 
 def _distances(q: torch.Tensor, x: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Per-sample values of ``metrics``, shape [samples]; only the reductions they need run."""
-    samples = q.shape[0] if q.dim() > 0 else 1
-    q = q.detach().float().reshape(samples, -1)
-    x = x.detach().float().reshape(samples, -1)
+    """Per-sample values of ``metrics``, shape [samples]; only the reductions they need run,
+    over all dims but the first, without copying non-contiguous outputs."""
+    q, x = q.detach(), x.detach()
+    if q.dim() < 2:
+        q, x = q.reshape(-1, 1), x.reshape(-1, 1)
+    dims = tuple(range(1, q.dim()))
+    features = q[0].numel()
     values: dict[str, torch.Tensor] = {}
     if {"euclidean", "relative", "mse"} & set(metrics):
-        difference = torch.linalg.vector_norm(q - x, dim=1).double()
+        difference = torch.linalg.vector_norm(q - x, dim=dims, dtype=torch.float32).double().reshape(-1)
         values["euclidean"] = difference
-        values["mse"] = difference.square() / q.shape[1]
+        values["mse"] = difference.square() / features
     if {"relative", "cosine"} & set(metrics):
-        x_norm = torch.linalg.vector_norm(x, dim=1).double()
+        x_norm = torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32).double().reshape(-1)
     if "relative" in metrics:
         values["relative"] = difference / x_norm.clamp_min(1e-12)
     if "cosine" in metrics:
-        q_norm = torch.linalg.vector_norm(q, dim=1).double()
-        dot = torch.linalg.vecdot(q, x, dim=1).double()
+        q_norm = torch.linalg.vector_norm(q, dim=dims, dtype=torch.float32).double().reshape(-1)
+        dot = (q.float() * x.float()).sum(dim=dims).double().reshape(-1)
         values["cosine"] = 1 - dot / (q_norm * x_norm).clamp_min(1e-12)
     return {metric: values[metric] for metric in metrics}
 
