@@ -39,9 +39,11 @@ def broadcast_scale(scale: torch.Tensor, ndim: int, channel_axis: int | None) ->
 def fake_quantize_forward(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None
 ) -> torch.Tensor:
-    """round(clamp(x / s, qmin, qmax)) * s in float32, returned in ``x``'s dtype; no autograd."""
+    """round(clamp(x / s, qmin, qmax)) * s in float32, returned in ``x``'s dtype; no autograd.
+    One new tensor, updated in place (on the CPU, allocating each step costs more than it)."""
     step = broadcast_scale(scale.detach().float(), x.dim(), channel_axis)
-    return ((x.detach().float() / step).clamp(qmin, qmax).round() * step).to(x.dtype)
+    out = x.detach().float() / step
+    return out.clamp_(qmin, qmax).round_().mul_(step).to(x.dtype)
 
 
 def fake_quantize_backward(
