@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from .attention import unfuse_attention
+from .batches import KeywordBatches, bind_positional
 from .config import QuantConfig, Select
 from .coverage import coverage
 from .dump.stages import StageDumper
@@ -27,7 +29,7 @@ from .passes.select import select_layers
 from .tracing import trace
 
 
-def _check_example_inputs(model: nn.Module, example_inputs: Any) -> None:
+def _check_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any]) -> None:
     """Raise InputError unless ``model`` (a copy: eval mode keeps BN statistics untouched)
     runs on ``example_inputs``."""
     if not isinstance(example_inputs, tuple):
@@ -38,7 +40,7 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any) -> None:
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(*example_inputs)
+            model.eval()(*example_inputs, **example_kwargs)
     except Exception as error:
         raise InputError(
             f"the model fails on example_inputs in eager mode ({type(error).__name__}: {error}); "
@@ -55,6 +57,7 @@ def quantize(
     config: QuantConfig | None = None,
     select: Select | None = Select(),
     *,
+    example_kwargs: dict[str, Any] | None = None,
     leaf_modules: Sequence[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     strict: bool = False,
@@ -79,6 +82,9 @@ def quantize(
         select: which layers stay trainable; PTQAT's rule ``Select("small", fraction=0.5)``
             by default (ranked by the discrepancy measured on ``calib_data``). ``None`` stops
             after calibration: every quantizer and parameter trainable, no analysis.
+        example_kwargs: keyword inputs of the forward, if it takes any. Then every
+            ``calib_data`` batch is a dict of the forward's arguments by name (positional ones
+            included), and the returned model takes them by name or position.
         leaf_modules: module classes or paths kept opaque by the tracer.
         concrete_args: forward arguments fixed at trace time. Example inputs holding dicts or
             lists of tensors are traced through, and non-tensor ones fixed, without it.
@@ -97,36 +103,42 @@ def quantize(
     """
     config = config or QuantConfig()
     working_copy = copy.deepcopy(model)
-    _check_example_inputs(working_copy, example_inputs)
+    _check_example_inputs(working_copy, example_inputs, example_kwargs or {})
     unfuse_attention(working_copy)
     after = StageDumper(dump_dir)
     gm = after("traced", trace(
         working_copy, leaf_modules=leaf_modules, concrete_args=concrete_args,
-        example_inputs=example_inputs, auto_leaf=not strict,
+        example_inputs=example_inputs, example_kwargs=example_kwargs, auto_leaf=not strict,
     ))
     gm.meta["ptqat_config"] = config
-    gm.meta["ptqat_num_inputs"] = len(example_inputs)  # how finetune() splits batches
+    inputs = example_inputs
+    if example_kwargs:
+        # Keyword inputs become positional ones, in the traced forward's order.
+        inputs = bind_positional(inspect.signature(gm.forward), example_inputs, example_kwargs)
+    gm.meta["ptqat_num_inputs"] = len(inputs)  # how finetune() splits batches
     if config.fold_bn:
         gm = after("bn_folded", fold_bn(gm))
     gm = after("annotated", annotate(gm, config))
     gm = insert_quantizers(gm, config)
-    gm = quantize_leaves(gm, config, example_inputs)
+    gm = quantize_leaves(gm, config, inputs)
     if config.share_join_quantizers:
-        gm = quantize_joins(gm, config, example_inputs)
+        gm = quantize_joins(gm, config, inputs)
     after("quantizers_inserted", gm)
     if not coverage(gm).layers:
         warnings.warn(
             f"{type(model).__name__} has no quantizable layer (conv, linear, matmul): the returned "
             "model computes in float; nothing for quantization to do", stacklevel=2,
         )
-    data = calib_data if calib_data is not None else [example_inputs]
+    data = calib_data if calib_data is not None else [inputs]
     if iter(data) is data:
         # A one-shot iterator: calibration and analysis both read it, so keep its batches.
         data = list(data)
-    gm = after("calibrated", calibrate(gm, data, len(example_inputs), progress=progress))
+    if example_kwargs and calib_data is not None:
+        data = KeywordBatches(data, inspect.signature(gm.forward))
+    gm = after("calibrated", calibrate(gm, data, len(inputs), progress=progress))
     if select is not None:
         gm = after("analysed", discrepancy(
-            gm, data, len(example_inputs), modes=(select.mode,), metrics=(select.metric,), progress=progress
+            gm, data, len(inputs), modes=(select.mode,), metrics=(select.metric,), progress=progress
         ))
         gm = after("selected", select_layers(gm, select))
         gm = after("frozen", freeze(gm, select.train_other_params))

@@ -169,3 +169,36 @@ def test_one_shot_iterator_serves_calibration_and_analysis():
     data = _data((2, 784), batches=3)
     gm = ptqat_fx.quantize(mlp.build(), (data[0],), iter(data), progress=False)
     assert all(spec.discrepancy for spec in layer_specs(gm))
+
+
+class KeywordMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x, *, mask=None):
+        y = self.a(x)
+        if mask is not None:
+            y = y * mask
+        return self.b(y)
+
+
+def test_keyword_inputs_calibrate_by_name():
+    model = KeywordMask()
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(8, 4, generator=generator), "mask": (torch.rand(8, 4, generator=generator) > 0.5).float()}
+               for _ in range(3)]
+    gm = ptqat_fx.quantize(model, (batches[0]["x"],), batches, QuantConfig(w_bits=8, a_bits=8),
+                           example_kwargs={"mask": batches[0]["mask"]}, progress=False)
+    assert [s.name for s in layer_specs(gm)] == ["a", "b"]
+    assert all(spec.discrepancy for spec in layer_specs(gm))
+    reference = model(batches[1]["x"], mask=batches[1]["mask"])
+    assert _relative_error(gm(batches[1]["x"], mask=batches[1]["mask"]), reference) < 0.05
+
+
+def test_keyword_inputs_need_dict_batches():
+    model = KeywordMask()
+    x, mask = torch.randn(2, 4), torch.ones(2, 4)
+    with pytest.raises(InputError, match="batch 0"):
+        ptqat_fx.quantize(model, (x,), [x], example_kwargs={"mask": mask}, progress=False)
