@@ -34,7 +34,6 @@ from ..frozen_conv import frozen_conv
 from ..layer_spec import META_KEY, LayerSpec, layer_nodes
 from ..quantized_layers import quantized_conv, quantized_linear, quantized_matmul
 from ..quantizer import FakeQuantizer, is_quantizer_node
-from .annotate import MATMUL_FUNCTIONS, MATMUL_METHODS
 from .unfuse import FUSED_FROM_KEY
 
 FLOAT_WEIGHT_KEY = "ptqat_float_weight"
@@ -101,38 +100,39 @@ def _padding_is_text(node: fx.Node) -> bool:
     return isinstance(node.args[4] if len(node.args) > 4 else 0, str)
 
 
-def _quantizer_operand(gm: fx.GraphModule, operand: object) -> tuple | None:
-    """(source, scale node, qmin, qmax) for an operand made by a per-tensor quantizer."""
+def _quantizer_operand(gm: fx.GraphModule, operand: object) -> fx.Node | None:
+    """``operand`` if a per-tensor quantizer made it, else None."""
     if not (isinstance(operand, fx.Node) and is_quantizer_node(gm, operand)):
         return None
-    quantizer: FakeQuantizer = gm.get_submodule(operand.target)
-    if quantizer.channel_axis is not None:
-        return None
-    with gm.graph.inserting_before(operand):
-        scale = gm.graph.get_attr(f"{operand.target}.scale")
-    return operand.args[0], scale, quantizer.qmin, quantizer.qmax
+    return operand if gm.get_submodule(operand.target).channel_axis is None else None
 
 
-def _fuse_input_quantizers(gm: fx.GraphModule, node: fx.Node) -> None:
+def _fused_operand(gm: fx.GraphModule, quantizer_node: fx.Node) -> tuple:
+    """(source, scale node, qmin, qmax): what a quantized_* call takes for one operand."""
+    quantizer: FakeQuantizer = gm.get_submodule(quantizer_node.target)
+    with gm.graph.inserting_before(quantizer_node):
+        scale = gm.graph.get_attr(f"{quantizer_node.target}.scale")
+    return quantizer_node.args[0], scale, quantizer.qmin, quantizer.qmax
+
+
+def _fuse_input_quantizers(gm: fx.GraphModule, node: fx.Node, spec: LayerSpec) -> None:
     """Rewrite a trainable layer into its quantized_* form, if its inputs allow."""
-    is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
-        node.op == "call_method" and node.target in MATMUL_METHODS
-    )
     plain = (node.op, node.target)
-    if is_matmul:
+    if spec.kind == "matmul":
         if len(node.args) != 2 or node.kwargs:
             return
-        operands = [_quantizer_operand(gm, arg) for arg in node.args]
-        if None in operands:
+        replaced = [_quantizer_operand(gm, arg) for arg in node.args]
+        if None in replaced:
             return
-        replaced, node.op, node.target = node.args, "call_function", quantized_matmul
-        node.args = (*operands[0], *operands[1])
+        first, second = (_fused_operand(gm, operand) for operand in replaced)
+        node.op, node.target, node.args = "call_function", quantized_matmul, (*first, *second)
     elif node.target in _FUSED and not node.kwargs and not _padding_is_text(node):
         operand = _quantizer_operand(gm, node.args[0])
         if operand is None:
             return
-        replaced, node.target = node.args[:1], _FUSED[node.target]
-        node.args = (*operand, *node.args[1:])
+        replaced = [operand]
+        node.args = (*_fused_operand(gm, operand), *node.args[1:])
+        node.target = _FUSED[node.target]
     else:
         return
     node.meta[FUSED_FROM_KEY] = plain
@@ -161,7 +161,7 @@ def freeze(gm: fx.GraphModule, train_other_params: bool = False) -> fx.GraphModu
         if spec.weight is not None and spec.weight not in trainable:
             _freeze_weight(gm, node, spec)
         elif spec.selected:
-            _fuse_input_quantizers(gm, node)
+            _fuse_input_quantizers(gm, node, spec)
     for node in gm.graph.nodes:
         if is_quantizer_node(gm, node) and isinstance(node.args[0], fx.Node):
             gm.get_submodule(node.target).save_input = _producer_keeps_output(gm, node.args[0])
