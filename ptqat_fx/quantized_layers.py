@@ -37,13 +37,10 @@ class _QuantizedInputLinear(torch.autograd.Function):
         x, scale, weight = ctx.saved_tensors
         qmin, qmax, grad_scale = ctx.quant
         grad_input = grad_out @ weight.to(grad_out.dtype)
-        grad_weight = grad_bias = None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[5]:
-            x_q = fake_quantize_forward(x, scale, qmin, qmax, None).to(grad_out.dtype)
-            grad_weight = (flat_grad.t() @ x_q.reshape(-1, x_q.shape[-1])).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[6]:
-            grad_bias = flat_grad.sum(0).to(weight.dtype)
+        x_q = fake_quantize_forward(x, scale, qmin, qmax, None).to(grad_out.dtype)
+        grad_weight = (flat_grad.t() @ x_q.reshape(-1, x_q.shape[-1])).to(weight.dtype)
+        grad_bias = flat_grad.sum(0).to(weight.dtype) if ctx.has_bias else None
         grad_x, grad_step = fake_quantize_backward(
             x, scale, grad_input, qmin, qmax, None, grad_scale, ctx.needs_input_grad[1]
         )
@@ -69,7 +66,7 @@ class _QuantizedInputConv(torch.autograd.Function):
         qmin, qmax, grad_scale = ctx.quant
         stride, padding, dilation, groups, bias_shape = ctx.geometry
         x_q = fake_quantize_forward(x, scale, qmin, qmax, None).to(grad_out.dtype)
-        mask = [True, ctx.needs_input_grad[5], bias_shape is not None and ctx.needs_input_grad[6]]
+        mask = [True, True, bias_shape is not None]
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, x_q, weight.to(grad_out.dtype), bias_shape, stride, padding, dilation,
             False, [0] * len(stride), groups, mask,
