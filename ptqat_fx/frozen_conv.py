@@ -3,7 +3,9 @@
 ``F.conv2d`` saves its input for backward even when the weight needs no gradient, although
 the input gradient needs only the weight. PTQAT freezes about half of the layers; their
 inputs would be kept for nothing. ``frozen_conv`` computes the same forward and saves just
-the weight (a buffer that exists anyway) and the input's shape.
+the weight (a buffer that exists anyway) and the input's shape. Under ``torch.compile`` it is the plain convolution: the compiler sees
+that the weight needs no gradient, and torch 2.11 miscompiles gradients through custom
+``autograd.Function``s (see ``quantizer``).
 """
 from __future__ import annotations
 
@@ -41,4 +43,6 @@ def frozen_conv(
 ) -> torch.Tensor:
     """``F.conv{1,2,3}d`` for a weight that takes no gradient: same output, saves only the
     weight for the input gradient. Weight and bias get no gradient."""
+    if torch.compiler.is_compiling():
+        return _FORWARD[weight.dim() - 2](x, weight.detach(), None if bias is None else bias.detach(), stride, padding, dilation, groups)
     return _FrozenConvFunction.apply(x, weight, bias, stride, padding, dilation, groups)

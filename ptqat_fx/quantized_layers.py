@@ -7,6 +7,10 @@ and recompute the quantized input in backward from it and the step size, so a tr
 costs what the float layer costs. ``x`` is often kept anyway (a ReLU keeps its output), so the
 saving is a whole activation per trainable layer.
 
+Under ``torch.compile`` each function is its plain composition (input quantizer, then the
+layer) in differentiable ops: the compiler decides what backward keeps, and torch 2.11
+miscompiles gradients through custom ``autograd.Function``s (see ``quantizer``).
+
 Each function's ``float_reference`` computes the same layer without input quantization; the
 discrepancy analysis uses it as the float side.
 """
@@ -15,7 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantizer import fake_quantize_backward, fake_quantize_forward, lsq_fake_quantize, lsq_grad_scale
+from .quantizer import (
+    fake_quantize_backward,
+    fake_quantize_forward,
+    lsq_fake_quantize,
+    lsq_fake_quantize_ops,
+    lsq_grad_scale,
+)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -37,10 +47,13 @@ class _QuantizedInputLinear(torch.autograd.Function):
         x, scale, weight = ctx.saved_tensors
         qmin, qmax, grad_scale = ctx.quant
         grad_input = grad_out @ weight.to(grad_out.dtype)
+        grad_weight = grad_bias = None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        x_q = fake_quantize_forward(x, scale, qmin, qmax, None).to(grad_out.dtype)
-        grad_weight = (flat_grad.t() @ x_q.reshape(-1, x_q.shape[-1])).to(weight.dtype)
-        grad_bias = flat_grad.sum(0).to(weight.dtype) if ctx.has_bias else None
+        if ctx.needs_input_grad[5]:
+            x_q = fake_quantize_forward(x, scale, qmin, qmax, None).to(grad_out.dtype)
+            grad_weight = (flat_grad.t() @ x_q.reshape(-1, x_q.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[6]:
+            grad_bias = flat_grad.sum(0).to(weight.dtype)
         grad_x, grad_step = fake_quantize_backward(
             x, scale, grad_input, qmin, qmax, None, grad_scale, ctx.needs_input_grad[1]
         )
@@ -66,7 +79,7 @@ class _QuantizedInputConv(torch.autograd.Function):
         qmin, qmax, grad_scale = ctx.quant
         stride, padding, dilation, groups, bias_shape = ctx.geometry
         x_q = fake_quantize_forward(x, scale, qmin, qmax, None).to(grad_out.dtype)
-        mask = [True, True, bias_shape is not None]
+        mask = [True, ctx.needs_input_grad[5], bias_shape is not None and ctx.needs_input_grad[6]]
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, x_q, weight.to(grad_out.dtype), bias_shape, stride, padding, dilation,
             False, [0] * len(stride), groups, mask,
@@ -109,11 +122,16 @@ class _QuantizedInputMatmul(torch.autograd.Function):
 
 def quantized_linear(x, scale, qmin: int, qmax: int, weight, bias=None) -> torch.Tensor:
     """``F.linear(fake_quant(x, scale), weight, bias)`` that keeps only ``x`` for backward."""
+    if torch.compiler.is_compiling():
+        return F.linear(lsq_fake_quantize_ops(x, scale, qmin, qmax), weight, bias)
     return _QuantizedInputLinear.apply(x, scale, qmin, qmax, lsq_grad_scale(x, scale, qmax), weight, bias)
 
 
 def quantized_conv(x, scale, qmin: int, qmax: int, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv{1,2,3}d(fake_quant(x, scale), weight, ...)`` that keeps only ``x`` for backward."""
+    if torch.compiler.is_compiling():
+        x_q = lsq_fake_quantize_ops(x, scale, qmin, qmax)
+        return _CONV[weight.dim() - 2](x_q, weight, bias, stride, padding, dilation, groups)
     return _QuantizedInputConv.apply(
         x, scale, qmin, qmax, lsq_grad_scale(x, scale, qmax), weight, bias, stride, padding, dilation, groups
     )
@@ -121,8 +139,9 @@ def quantized_conv(x, scale, qmin: int, qmax: int, weight, bias=None, stride=1, 
 
 def quantized_matmul(a, a_scale, a_qmin: int, a_qmax: int, b, b_scale, b_qmin: int, b_qmax: int) -> torch.Tensor:
     """``fake_quant(a) @ fake_quant(b)`` that keeps only ``a`` and ``b`` for backward."""
-    if a.dim() < 2 or b.dim() < 2:
-        # Vector products have no transposed form; they are rare and small.
+    if a.dim() < 2 or b.dim() < 2 or torch.compiler.is_compiling():
+        # Vector products have no transposed form (they are rare and small); compiled code
+        # takes the plain composition.
         return torch.matmul(lsq_fake_quantize(a, a_scale, a_qmin, a_qmax), lsq_fake_quantize(b, b_scale, b_qmin, b_qmax))
     return _QuantizedInputMatmul.apply(
         a, a_scale, a_qmin, a_qmax, lsq_grad_scale(a, a_scale, a_qmax),

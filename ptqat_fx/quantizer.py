@@ -9,8 +9,12 @@ The arithmetic is one ``autograd.Function`` rather than a chain of differentiabl
 that training keeps only the input for backward (the chain ``x / s -> clamp -> round -> * s``
 would keep three more tensors of the input's size); the clip mask and the step-size
 gradient are recomputed from it. When the step size is frozen, only a one-byte mask is kept.
-The function is pure tensor code with no host synchronisation, so it runs under autocast and
-``torch.compile(fullgraph=True)``.
+The function is pure tensor code with no host synchronisation, so it runs under autocast.
+
+Under ``torch.compile`` the same arithmetic runs as differentiable tensor ops instead
+(``lsq_fake_quantize_ops``): the compiler fuses them and chooses what to keep for backward
+itself, and torch 2.11 computes wrong gradients for inputs of a custom ``autograd.Function``
+in compiled code (pytorch/pytorch#180642: every weight's gradient came out zero).
 """
 from __future__ import annotations
 
@@ -106,6 +110,26 @@ class _LSQFunction(torch.autograd.Function):
         return grad_x, grad_step, None, None, None, None, None
 
 
+def lsq_fake_quantize_ops(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None = None
+) -> torch.Tensor:
+    """``lsq_fake_quantize`` as differentiable tensor ops, for compiled code: the output is
+    bit-identical to ``fake_quantize_forward`` and the gradients are LSQ's.
+
+    The value is the detached fake-quantized tensor plus ``y - y.detach()`` (exactly zero),
+    where ``y = v * s + (round(v) - v).detach() * s`` with ``v = clamp(x / s)`` carries the
+    gradients: 1 for ``x`` inside the range, 0 outside; ``round(v) - v`` for the step inside
+    and the clip bound outside, scaled by ``grad_scale`` through ``s``."""
+    grad_scale = lsq_grad_scale(x, scale, qmax)
+    detached = scale.detach()
+    # Value exactly ``scale``; gradient scaled by LSQ's 1 / sqrt(N * qmax).
+    step = broadcast_scale(((scale - detached) * grad_scale + detached).float(), x.dim(), channel_axis)
+    scaled = (x.float() / step).clamp(qmin, qmax)
+    carrier = scaled * step + (scaled.round() - scaled).detach() * step
+    quantized = fake_quantize_forward(x, scale, qmin, qmax, channel_axis)
+    return quantized + (carrier - carrier.detach()).to(x.dtype)
+
+
 def lsq_fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -119,6 +143,8 @@ def lsq_fake_quantize(
     number of elements sharing one step, as LSQ prescribes. With a frozen step, backward
     keeps a one-byte clip mask, or ``x`` itself if ``save_input`` (free when the op that
     made ``x`` keeps it anyway, as a ReLU keeps its output)."""
+    if torch.compiler.is_compiling():
+        return lsq_fake_quantize_ops(x, scale, qmin, qmax, channel_axis)
     return _LSQFunction.apply(x, scale, qmin, qmax, channel_axis, lsq_grad_scale(x, scale, qmax), save_input)
 
 

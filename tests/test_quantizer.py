@@ -119,3 +119,26 @@ def test_all_zero_weight_channel_gives_a_finite_positive_scale():
     w[1] = 0
     q = _calibrated(w, 4, 0, observer="mse")
     assert torch.isfinite(q.scale).all() and (q.scale > 0).all()
+
+
+@pytest.mark.parametrize("channel_axis", [None, 0, 1])
+@pytest.mark.parametrize("bits, signed", [(2, True), (4, True), (8, False)])
+def test_compiled_form_matches_the_autograd_function_in_value_and_gradients(channel_axis, bits, signed):
+    """The differentiable-ops form used under torch.compile: same bits forward, LSQ gradients."""
+    from ptqat_fx.quantizer import lsq_fake_quantize, lsq_fake_quantize_ops, quant_range
+
+    generator = torch.Generator().manual_seed(bits)
+    qmin, qmax = quant_range(bits, signed)
+    x = (torch.randn(6, 5, 4, generator=generator) * 3).requires_grad_()
+    channels = 1 if channel_axis is None else x.shape[channel_axis]
+    scale = (torch.rand(channels, generator=generator) * 0.5 + 0.1).requires_grad_()
+    grad_out = torch.randn(6, 5, 4, generator=generator)
+    outputs, gradients = [], []
+    for form in (lsq_fake_quantize, lsq_fake_quantize_ops):
+        out = form(x, scale, qmin, qmax, channel_axis)
+        outputs.append(out.detach())
+        gradients.append(torch.autograd.grad(out, (x, scale), grad_out))
+    assert torch.equal(outputs[0], outputs[1])
+    # x / s * s differentiates to 1 up to one rounding of the gradient.
+    torch.testing.assert_close(gradients[1][0], gradients[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gradients[1][1], gradients[0][1], rtol=1e-5, atol=1e-6)
