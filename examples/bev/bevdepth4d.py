@@ -84,7 +84,8 @@ class TinyBEVDepth4D(nn.Module):
         self.bev_encoder = BEVEncoder(2 * CONTEXT)
         self.head = CenterHead()
 
-    def forward(self, imgs: torch.Tensor, cam2ego: torch.Tensor, intrins: torch.Tensor, prev2cur: torch.Tensor) -> dict[str, torch.Tensor]:
+    def bev_features(self, imgs: torch.Tensor, cam2ego: torch.Tensor, intrins: torch.Tensor, prev2cur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BEV encoder output [B, 64, S, S], current-frame depth probabilities [B, 6, D, h, w])."""
         feats = self.trunk(imgs.flatten(0, 2))[0]
         cam_params = torch.cat([intrins[..., :2, 2], intrins[..., 0, :1], intrins[..., 1, 1:2], cam2ego[..., :3, :].flatten(-2)], -1)
         cam_params = cam_params.unsqueeze(1).expand(-1, 2, -1, -1)             # same rig in both frames
@@ -95,8 +96,12 @@ class TinyBEVDepth4D(nn.Module):
         bev = self.lift(depth, context, *frames).unflatten(0, (-1, 2))
         previous = warp_bev(bev[:, 1].detach(), prev2cur, self.cell_centres)
         x = self.pre_process(torch.cat([bev[:, 0], previous], 1))
-        outputs = self.head(self.bev_encoder(x))
-        outputs["depth"] = depth.unflatten(0, (-1, 2))[:, 0]
+        return self.bev_encoder(x), depth.unflatten(0, (-1, 2))[:, 0]
+
+    def forward(self, imgs: torch.Tensor, cam2ego: torch.Tensor, intrins: torch.Tensor, prev2cur: torch.Tensor) -> dict[str, torch.Tensor]:
+        bev, depth = self.bev_features(imgs, cam2ego, intrins, prev2cur)
+        outputs = self.head(bev)
+        outputs["depth"] = depth
         return outputs
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

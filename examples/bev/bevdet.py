@@ -25,12 +25,16 @@ class TinyBEVDet(nn.Module):
         self.bev_encoder = BEVEncoder(CONTEXT)
         self.head = CenterHead()
 
-    def forward(self, imgs: torch.Tensor, cam2ego: torch.Tensor, intrins: torch.Tensor) -> dict[str, torch.Tensor]:
+    def bev_features(self, imgs: torch.Tensor, cam2ego: torch.Tensor, intrins: torch.Tensor) -> torch.Tensor:
+        """The BEV encoder's output [B, 64, S, S], which the head (or a task head) reads."""
         feats = self.trunk(imgs.flatten(0, 1))[0]
         x = self.depth_net(feats).unflatten(0, (-1, rig.NUM_CAMS))
         depth = x[:, :, : DEPTH_BINS[2]].softmax(2)
         bev = self.lift(depth, x[:, :, DEPTH_BINS[2] :], cam2ego, intrins)
-        return self.head(self.bev_encoder(bev))
+        return self.bev_encoder(bev)
+
+    def forward(self, imgs: torch.Tensor, cam2ego: torch.Tensor, intrins: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(self.bev_features(imgs, cam2ego, intrins))
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return center_loss(outputs, batch["boxes"], batch["labels"], batch["heatmap"])

@@ -125,12 +125,16 @@ class TinyBEVFormer(nn.Module):
             query = layer(query, pos, prev, self.bev_reference, lidar2img, maps)
         return query
 
-    def forward(self, imgs: torch.Tensor, lidar2img: torch.Tensor, can_bus: torch.Tensor, prev2cur: torch.Tensor) -> dict[str, torch.Tensor]:
+    def bev_features(self, imgs: torch.Tensor, lidar2img: torch.Tensor, can_bus: torch.Tensor, prev2cur: torch.Tensor) -> torch.Tensor:
+        """The current frame's BEV queries after the encoder, [B, BEV*BEV, DIM] (rows = y)."""
         feats = self.trunk(imgs.flatten(0, 2))
         maps = [(f.unflatten(0, (-1, 2, rig.NUM_CAMS)) + self.cams_embeds[:, :, None, None] + self.level_embeds[i, :, None, None]) for i, f in enumerate(feats)]
         prev_bev = self.encode([m[:, 1].flatten(0, 1) for m in maps], lidar2img, can_bus, None).detach()
         prev_map = warp_bev(prev_bev.transpose(1, 2).unflatten(2, (BEV, BEV)), prev2cur, self.cell_centres)
-        bev = self.encode([m[:, 0].flatten(0, 1) for m in maps], lidar2img, can_bus, prev_map.flatten(2).transpose(1, 2))
+        return self.encode([m[:, 0].flatten(0, 1) for m in maps], lidar2img, can_bus, prev_map.flatten(2).transpose(1, 2))
+
+    def forward(self, imgs: torch.Tensor, lidar2img: torch.Tensor, can_bus: torch.Tensor, prev2cur: torch.Tensor) -> dict[str, torch.Tensor]:
+        bev = self.bev_features(imgs, lidar2img, can_bus, prev2cur)
         bev_map = bev.transpose(1, 2).unflatten(2, (BEV, BEV))
         pos, query = self.query_embedding.weight.split(DIM, -1)
         batch_zeros = torch.zeros_like(can_bus[:, :1, None])                            # [B, 1, 1]: broadcast to the batch

@@ -14,9 +14,10 @@ import math
 
 import torch
 
-from examples.bev import rig
+from examples.bev import dense_targets, rig
 
 MAX_BOXES = 32
+MAX_RECTS = 4         # drivable rectangles of a layout: the ego road, up to 2 crossings, a lot
 MIN_PIXELS = 6
 # length, width, height (m) per class; pedestrians and cones are square in plan.
 CLASS_SIZES = torch.tensor([[4.5, 1.9, 1.6], [0.7, 0.7, 1.75], [0.4, 0.4, 0.8]])
@@ -117,11 +118,13 @@ def pixel_rects(cam2world: torch.Tensor, intrins: torch.Tensor, boxes: torch.Ten
 
 
 def render(cam2world: torch.Tensor, intrins: torch.Tensor, boxes: torch.Tensor, colours: torch.Tensor,
-           sun: torch.Tensor, ground: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+           sun: torch.Tensor, ground: torch.Tensor, noise: torch.Tensor, layout: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Ray-cast one frame: images [6, 3, H, W], depth [6, H, W] (0 = sky), instance ids [6, H, W] (-1 = none).
 
     Each box is slab-tested only against the rays of its ``pixel_rects`` rectangle in each camera (the
-    nearest hit wins, the lower box index on ties); the other rays cannot hit it."""
+    nearest hit wins, the lower box index on ties); the other rays cannot hit it. With a road
+    ``layout`` (``dense_targets.sample_layout``) the ground is painted as asphalt with centre-line
+    dashes where drivable and as greener terrain elsewhere; without one it is one uniform surface."""
     dev = cam2world.device
     vs, us = torch.meshgrid(torch.arange(rig.IMG_H, device=dev) + 0.5, torch.arange(rig.IMG_W, device=dev) + 0.5, indexing="ij")
     pix = torch.stack([us, vs, torch.ones_like(us)], -1).reshape(-1, 3)
@@ -154,6 +157,11 @@ def render(cam2world: torch.Tensor, intrins: torch.Tensor, boxes: torch.Tensor, 
     shade = 0.45 + 0.55 * (best_normal @ sun.to(dev)).clamp(min=0)
     tex = 0.06 * torch.sin(0.9 * point[..., 0]) * torch.sin(1.1 * point[..., 1]) + 0.25 * (torch.remainder(point[..., 1], 7.0) < 0.15)
     ground_col = (ground.to(dev)[0] + tex)[..., None] * torch.tensor([1.0, 1.0, 0.95], device=dev)
+    if layout is not None:
+        drivable, dash = dense_targets.road_paint(point[..., :2], layout.to(dev))
+        asphalt = (0.55 * ground.to(dev)[0] + 0.5 * tex + 0.6 * dash)[..., None].expand_as(ground_col)
+        terrain = ground_col * torch.tensor([0.8, 1.0, 0.65], device=dev)
+        ground_col = torch.where(drivable[..., None], asphalt, terrain)
     obj_col = colours.to(dev)[best_id.clamp(min=0)] * (1 + 0.05 * torch.sin(3 * point[..., 2:3]))
     colour = torch.where((best_id >= 0)[..., None], obj_col, ground_col) * shade[..., None]
     sky = torch.tensor([0.55, 0.7, 0.95], device=dev) * (1 - 0.3 * dirs[..., 2:3].clamp(0, 1))
@@ -178,11 +186,15 @@ def heatmap(boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return heat
 
 
-def make_sample(seed: int, device: str | torch.device = "cpu", frames: int = 2) -> dict[str, torch.Tensor]:
+def make_sample(seed: int, device: str | torch.device = "cpu", frames: int = 2, dense: bool = False) -> dict[str, torch.Tensor]:
     """One training sample (inputs and targets) drawn from ``seed``; see the module docstring.
 
     ``imgs`` is [frames, 6, 3, H, W]: the current frame, then the previous one unless ``frames=1``
-    (for single-frame models; everything else, the current frame included, is the same)."""
+    (for single-frame models; everything else, the current frame included, is the same).
+    ``dense=True`` paints the seed's road layout into the images and adds the dense targets of
+    ``dense_targets``: ``bev_map`` [S, S], ``occupancy`` [Z, S, S] (uint8), ``occ_mask`` [Z, S, S]
+    (bool) and ``layout`` [MAX_RECTS, 5] (padded with empty rectangles). The scene, the boxes
+    and the other targets are those of ``dense=False``, whose samples the layout leaves unchanged."""
     if frames not in (1, 2):
         raise ValueError(f"make_sample(frames={frames!r}): a sample has 1 (current) or 2 (current, previous) frames")
     gen = torch.Generator().manual_seed(seed)
@@ -195,10 +207,11 @@ def make_sample(seed: int, device: str | torch.device = "cpu", frames: int = 2) 
     prev_boxes = boxes.clone()
     prev_boxes[:, :2] -= boxes[:, 7:9] * rig.FRAME_DT
     args = (intrins.to(device), scene["colours"], scene["sun"], scene["ground"])
-    img_cur, depth, inst = render(c2e.to(device), args[0], boxes, *args[1:], noise[0])
+    layout = dense_targets.sample_layout(torch.Generator().manual_seed(dense_targets.layout_seed(seed))) if dense else None
+    img_cur, depth, inst = render(c2e.to(device), args[0], boxes, *args[1:], noise[0], layout)
     imgs = [img_cur]
     if frames == 2:
-        imgs.append(render((p2c @ c2e).to(device), args[0], prev_boxes, *args[1:], noise[1])[0])
+        imgs.append(render((p2c @ c2e).to(device), args[0], prev_boxes, *args[1:], noise[1], layout)[0])
     pixels = torch.bincount(inst.flatten().clamp(min=-1) + 1, minlength=len(labels) + 1)[1:].cpu()
     inside = (boxes[:, :2].abs() < rig.RANGE).all(-1)
     keep = (labels >= 0) & inside & (pixels >= MIN_PIXELS)
@@ -209,19 +222,26 @@ def make_sample(seed: int, device: str | torch.device = "cpu", frames: int = 2) 
     speed, yaw_rate = scene["ego"].tolist()
     can_bus = torch.zeros(18)
     can_bus[:4] = torch.tensor([speed, 0.0, yaw_rate, rig.FRAME_DT])
-    return {
+    sample = {
         "imgs": torch.stack(imgs).cpu(), "depth": depth.cpu(), "instances": inst.cpu(),
         "cam2ego": c2e, "intrins": intrins.expand(rig.NUM_CAMS, 3, 3).clone(), "lidar2img": rig.ego2img(c2e, intrins),
         "prev2cur": p2c, "can_bus": can_bus, "time_diff": torch.tensor([0.0, rig.FRAME_DT]),
         "heatmap": heatmap(boxes[keep], labels[keep]), "boxes": padded_boxes, "labels": padded_labels,
     }
+    if dense:
+        padded_layout = torch.zeros(MAX_RECTS, 5)
+        padded_layout[:, 2:4] = -1.0                        # negative half sizes: contains no point
+        padded_layout[: len(layout)] = layout
+        sample.update({"bev_map": dense_targets.bev_map(boxes, labels, layout), "occupancy": dense_targets.occupancy(boxes, labels),
+                       "occ_mask": dense_targets.visibility(depth, sample["lidar2img"]).cpu(), "layout": padded_layout})
+    return sample
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """``length`` samples; sample ``i`` is ``make_sample(seed + i, device, frames)``."""
+    """``length`` samples; sample ``i`` is ``make_sample(seed + i, device, frames, dense)``."""
 
-    def __init__(self, seed: int, length: int, device: str | torch.device = "cpu", frames: int = 2) -> None:
-        self.seed, self.length, self.device, self.frames = seed, length, device, frames
+    def __init__(self, seed: int, length: int, device: str | torch.device = "cpu", frames: int = 2, dense: bool = False) -> None:
+        self.seed, self.length, self.device, self.frames, self.dense = seed, length, device, frames, dense
 
     def __len__(self) -> int:
         return self.length
@@ -229,7 +249,7 @@ class SceneDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(f"SceneDataset index {index} out of range [0, {self.length})")
-        return make_sample(self.seed + index, self.device, self.frames)
+        return make_sample(self.seed + index, self.device, self.frames, self.dense)
 
 
 def example_batch(batch: int = 1, seed: int = 10_000) -> dict[str, torch.Tensor]:

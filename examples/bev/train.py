@@ -41,11 +41,12 @@ def build(name: str, checkpoint: str | None = None) -> torch.nn.Module:
     return model
 
 
-def render_set(seed: int, count: int, device: torch.device, max_seconds: float = float("inf"), frames: int = 2) -> dict[str, torch.Tensor]:
+def render_set(seed: int, count: int, device: torch.device, max_seconds: float = float("inf"), frames: int = 2,
+               dense: bool = False) -> dict[str, torch.Tensor]:
     """Samples ``seed ..`` stacked on ``device`` (images and depth in fp16); stops early after ``max_seconds``."""
     start, samples = time.perf_counter(), []
     for i in range(count):
-        sample = scenes.make_sample(seed + i, device, frames)
+        sample = scenes.make_sample(seed + i, device, frames, dense)
         sample.pop("instances")
         samples.append({k: (v.half() if k in ("imgs", "depth") else v).to(device) for k, v in sample.items()})
         if time.perf_counter() - start > max_seconds:
@@ -73,6 +74,37 @@ def evaluate(model: torch.nn.Module, module: ModuleType, data: dict[str, torch.T
     return metric.evaluate(predictions, targets)
 
 
+def fit(model: torch.nn.Module, inputs: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
+        train_set: dict[str, torch.Tensor], args: argparse.Namespace, lr: float, name: str) -> int:
+    """Train ``model`` on its ``loss`` over random batches of ``train_set``; returns the steps run.
+
+    AdamW, 100 warm-up steps, cosine over ``max(step / args.steps, elapsed / args.train_seconds)``,
+    grad-norm clip 10; ``args`` gives steps, train_seconds, batch, seed and log_every."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(args.seed)
+    n_train, device = len(train_set["labels"]), train_set["labels"].device
+    start, step = time.perf_counter(), 0
+    model.train()
+    while True:
+        progress = max(step / args.steps, (time.perf_counter() - start) / args.train_seconds)
+        if progress >= 1.0:
+            return step
+        warm = min(1.0, (step + 1) / 100)
+        for group in optimiser.param_groups:
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+        batch = take(train_set, torch.randint(0, n_train, (args.batch,), generator=gen).to(device))
+        losses = model.loss(model(*inputs(batch)), batch)
+        loss = sum(losses.values())
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimiser.step()
+        step += 1
+        if step % args.log_every == 0:
+            parts = " ".join(f"{k}={v.item():.3f}" for k, v in losses.items())
+            print(f"{name} step {step} progress {progress:.2f} loss {loss.item():.3f} ({parts})", flush=True)
+
+
 def train(args: argparse.Namespace) -> dict[str, object]:
     device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -86,28 +118,8 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     n_train = len(train_set["labels"])
     print(f"{args.model}: rendered {n_train} train / {len(val_set['labels'])} val scenes in {render_s:.0f}s", flush=True)
     lr = args.lr or DEFAULT_LR[args.model]
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(args.seed)
-    t1, step = time.perf_counter(), 0
-    model.train()
-    while True:
-        progress = max(step / args.steps, (time.perf_counter() - t1) / args.train_seconds)
-        if progress >= 1.0:
-            break
-        warm = min(1.0, (step + 1) / 100)
-        for group in optimiser.param_groups:
-            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
-        batch = take(train_set, torch.randint(0, n_train, (args.batch,), generator=gen).to(device))
-        losses = model.loss(model(*module.inputs(batch)), batch)
-        loss = sum(losses.values())
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimiser.step()
-        step += 1
-        if step % args.log_every == 0:
-            parts = " ".join(f"{k}={v.item():.3f}" for k, v in losses.items())
-            print(f"{args.model} step {step} progress {progress:.2f} loss {loss.item():.3f} ({parts})", flush=True)
+    t1 = time.perf_counter()
+    step = fit(model, module.inputs, train_set, args, lr, args.model)
     train_s = time.perf_counter() - t1
     result = evaluate(model, module, val_set)
     train_map = evaluate(model, module, {k: v[: len(val_set["labels"])] for k, v in train_set.items()})["mAP"]
