@@ -22,31 +22,16 @@ import re
 
 import torch
 
-from tests.zoo.stages import StageRow, all_cases, run_stages
+from tests.zoo.stages import StageRow, all_cases, passes, run_stages
 
 COMMAND = "PYTHONPATH=. python bench/coverage.py"
 BEGIN, END = "<!-- ANALYSIS BEGIN (hand-written, kept by bench/coverage.py) -->", "<!-- ANALYSIS END -->"
-# Acceptance lines of issue 12.
-MIN_SHARE, MAX_W8A8, MAX_DEPLOY = 0.95, 0.05, 1e-2
-
-
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _mark(ok: bool, value: str) -> str:
     return value if ok else f"**{value}**"
-
-
-def passes(row: dict) -> dict[str, bool]:
-    """The acceptance lines one row meets."""
-    return {
-        "coverage": row["called_layers"] > 0 and row["quantized_share"] >= MIN_SHARE,
-        "w8a8": row["w8a8_error"] is not None and row["w8a8_error"] < MAX_W8A8,
-        "finetune": row["trains"],
-        "convert": row["convert_error"] is not None and row["convert_error"] < MAX_DEPLOY,
-        "onnx": row["onnx_error"] is not None and row["onnx_error"] < MAX_DEPLOY,
-    }
 
 
 def _table(rows: list[dict]) -> str:
