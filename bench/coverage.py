@@ -142,18 +142,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-md", default="docs/coverage.md")
     parser.add_argument("--out-json", default="bench/coverage.json")
-    parser.add_argument("--only", default="", help="run only models whose name contains this")
+    parser.add_argument("--only", default="", help="run only models whose name contains one of these (comma-separated)")
     parser.add_argument("--resume", action="store_true", help="keep rows already in the JSON, run the rest")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the page from the JSON")
+    parser.add_argument("--merge", nargs="*", default=[], help="JSON files of partial runs to add to --out-json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = {"torch": torch.__version__, "rows": []}
     if args.resume or args.markdown_only:
         data = _load(args.out_json)
+    for path in args.merge:
+        done = {row["name"] for row in data["rows"]}
+        data["rows"] += [row for row in _load(path)["rows"] if row["name"] not in done]
+    if args.merge:
+        with open(args.out_json, "w") as file:
+            json.dump(data, file, indent=1)
     if not args.markdown_only:
         done = {row["name"] for row in data["rows"]}
         for case in all_cases():
-            if args.only not in case.name or case.name in done:
+            if not any(part in case.name for part in args.only.split(",")) or case.name in done:
                 continue
             row: StageRow = run_stages(case)
             data["rows"].append(row.asdict())

@@ -76,7 +76,7 @@ def _params():
             yield pytest.param(name, line, marks=marks, id=f"{name}-{line}")
 
 
-@pytest.mark.parametrize(("name", "line"), _params())
+@pytest.mark.parametrize(("name", "line"), list(_params()))
 def test_zoo_acceptance(name, line):
     row = _row(name)
     assert row.model_unchanged is not False, f"{name}: quantize changed the user's model"

@@ -110,9 +110,8 @@ _RESNET = dict(embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1
 
 def transformers_zoo() -> Zoo:
     """12 transformers architectures from small configs; DETR and Mask2Former on
-    transformers' own ResNet/Swin backbones (no timm backbone, no pretrained backbone)."""
-    from transformers import ResNetConfig, SwinConfig
-
+    transformers' own ResNet/Swin backbones (no timm backbone, no pretrained backbone).
+    Nothing is imported until a model is built (the default test run collects this file)."""
     return {
         "hf/bert": (_hf("BertModel", "BertConfig", vocab_size=100, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=32), _tokens),
@@ -137,13 +136,13 @@ def transformers_zoo() -> Zoo:
                        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
                        fusion_hidden_size=16, head_in_index=-1), IMG32),
         "hf/detr": (_hf("DetrForObjectDetection", "DetrConfig", use_timm_backbone=False, use_pretrained_backbone=False,
-                        backbone_config=ResNetConfig(out_features=["stage4"], **_RESNET), d_model=32,
+                        backbone_config=dict(model_type="resnet", out_features=["stage4"], **_RESNET), d_model=32,
                         encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
                         encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=3), IMG64),
         # Mask2FormerForUniversalSegmentation builds its Hungarian-matching loss (scipy, not
         # installed) in __init__: the model without the loss head.
         "hf/mask2former": (_hf("Mask2FormerModel", "Mask2FormerConfig",
-                               backbone_config=SwinConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1],
+                               backbone_config=dict(model_type="swin", image_size=64, embed_dim=16, depths=[1, 1, 1, 1],
                                                           num_heads=[1, 1, 2, 2], window_size=2,
                                                           out_features=["stage1", "stage2", "stage3", "stage4"]),
                                feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_layers=1,
