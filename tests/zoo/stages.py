@@ -67,6 +67,8 @@ class StageRow:
     w8a8_error: float | None = None
     selected: int | None = None
     selected_changed: int | None = None
+    selected_unchanged: list[str] = field(default_factory=list)
+    selected_no_gradient: int | None = None  # among the unchanged
     frozen_changed: int | None = None
     frozen_bn_changed: int | None = None
     convert_error: float | None = None
@@ -81,8 +83,10 @@ class StageRow:
 
     @property
     def trains(self) -> bool:
-        return bool(self.selected) and self.selected_changed == self.selected and self.frozen_changed == 0 \
-            and self.frozen_bn_changed == 0
+        # A selected weight may stay put only where its gradient is exactly zero (a dead
+        # ReLU path at random init); one that had a gradient and did not move is a failure.
+        return bool(self.selected_changed) and self.selected_changed + self.selected_no_gradient == self.selected \
+            and self.frozen_changed == 0 and self.frozen_bn_changed == 0
 
     def asdict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"quantized_share": self.quantized_share, "trains": self.trains}
@@ -218,6 +222,9 @@ def _finetune(row: StageRow, gm: fx.GraphModule, batches: list[tuple]) -> None:
     ptqat_fx.finetune(gm, batches, loss=_scale_free_loss, steps=2, lr=1e-3, progress=False)
     row.selected = len(selected)
     row.selected_changed = sum(not torch.equal(before[n], params[n]) for n in selected)
+    # The last step's gradients are still there (finetune zeroes them before each backward).
+    row.selected_unchanged = [n for n in selected if torch.equal(before[n], params[n])]
+    row.selected_no_gradient = sum(params[n].grad is None or not params[n].grad.any() for n in row.selected_unchanged)
     row.frozen_changed = sum(not torch.equal(before[n], params[n]) for n in frozen)
     row.frozen_bn_changed = sum(not (torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var))
                                 for m, (mean, var) in zip(bns, bn_before))
@@ -251,6 +258,9 @@ def run_stages(case: Case) -> StageRow:
     example, test = case.inputs(0), case.inputs(100)
     calib = [case.inputs(seed) for seed in (1, 2)]
     found = _stage(row, "eager", lambda: called_layers(model, example))
+    if found is not None:
+        row.called_layers, row.called_matmuls = len(found[0]), found[1]
+        row.float_called = found[0]  # until quantize says otherwise
     with torch.no_grad():
         reference = model(*test)
     config8 = QuantConfig(w_bits=8, a_bits=8, w_observer="minmax", a_observer="minmax")
@@ -266,7 +276,6 @@ def run_stages(case: Case) -> StageRow:
         if found is not None:
             quantized = _quantized_paths(gm8)
             row.float_called = [path for path in found[0] if path not in quantized]
-            row.called_layers, row.called_matmuls = len(found[0]), found[1]
             row.quantized_called = row.called_layers - len(row.float_called)
 
         def error8() -> float:
