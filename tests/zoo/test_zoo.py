@@ -7,6 +7,8 @@ import ptqat_fx
 from ptqat_fx import TraceError
 
 from .cases import cases, measure
+from .known_failures import KNOWN_FAILURES
+from .stages import LINES, StageRow, all_cases, passes, run_stages
 from .torchvision_zoo import load_torchvision
 
 pytestmark = pytest.mark.slow
@@ -51,3 +53,32 @@ def test_torchvision_is_in_the_zoo_where_installed():
     if load_torchvision() is None:
         pytest.skip("torchvision is not installed")
     assert any(case.family == "torchvision" for case in CASES.values())
+
+
+# Every zoo model through every stage, one test per model and acceptance line of issue 12.
+# Known failures are strict xfails (tests/zoo/known_failures.py): a fix turns them into XPASS
+# failures, to be removed from the table.
+ZOO = {case.name: case for case in all_cases()}
+_rows: dict[str, StageRow] = {}
+
+
+def _row(name: str) -> StageRow:
+    if name not in _rows:
+        _rows[name] = run_stages(ZOO[name])
+    return _rows[name]
+
+
+def _params():
+    for name in ZOO:
+        for line in LINES:
+            reason = KNOWN_FAILURES.get((name, line))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            yield pytest.param(name, line, marks=marks, id=f"{name}-{line}")
+
+
+@pytest.mark.parametrize(("name", "line"), list(_params()))
+def test_zoo_acceptance(name, line):
+    row = _row(name)
+    assert row.model_unchanged is not False, f"{name}: quantize changed the user's model"
+    ok = passes(row.asdict())
+    assert ok[line], f"{name}: {line} missed; {row.asdict()}"

@@ -3,7 +3,9 @@
 torchvision wheels are built against one torch release; with another, its C++ extension
 does not load, which is harmless for classification models, but its import then fails while
 registering fake kernels for ``torchvision::nms``/``qnms``, ops the extension would have
-defined. ``load_torchvision`` defines those two schemas and imports again.
+defined. ``load_torchvision`` defines those two schemas, gives ``nms`` a CPU kernel in plain
+PyTorch (detection models call it in eval; ``roi_align`` has torchvision's own Python
+fallback) and imports again.
 """
 from __future__ import annotations
 
@@ -18,6 +20,24 @@ from torch import nn
 _SCHEMAS = ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
             "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 _library: list[torch.library.Library] = []
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression, torchvision's semantics: indices of the kept boxes by
+    decreasing score."""
+    order = scores.argsort(descending=True)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = []
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    for index in order.tolist():
+        if suppressed[index]:
+            continue
+        keep.append(index)
+        top_left = torch.maximum(boxes[index, :2], boxes[:, :2])
+        bottom_right = torch.minimum(boxes[index, 2:], boxes[:, 2:])
+        inter = (bottom_right - top_left).clamp(min=0).prod(1)
+        suppressed |= inter / (area[index] + area - inter) > iou_threshold
+    return torch.tensor(keep, dtype=torch.int64)
 
 
 def load_torchvision() -> ModuleType | None:
@@ -35,6 +55,7 @@ def load_torchvision() -> ModuleType | None:
         _library.append(torch.library.Library("torchvision", "FRAGMENT"))
         for schema in _SCHEMAS:
             _library[0].define(schema)
+        _library[0].impl("nms", _nms, "CPU")
     return importlib.import_module("torchvision")
 
 
