@@ -144,7 +144,7 @@ def voxel_centres() -> torch.Tensor:
 
 def visibility(depth: torch.Tensor, lidar2img: torch.Tensor) -> torch.Tensor:
     """Camera-visibility mask [Z, S, S] (bool) from the current frame's depth maps [6, H, W]."""
-    cam = voxel_centres().flatten(0, 2) @ lidar2img.to(depth).transpose(-1, -2)     # [6, V, 4]
+    cam = voxel_centres().to(depth).flatten(0, 2) @ lidar2img.to(depth).transpose(-1, -2)     # [6, V, 4]
     d = cam[..., 2]
     u = (cam[..., 0] / d.clamp(min=1e-3)).floor()
     v = (cam[..., 1] / d.clamp(min=1e-3)).floor()

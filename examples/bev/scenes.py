@@ -233,7 +233,7 @@ def make_sample(seed: int, device: str | torch.device = "cpu", frames: int = 2, 
         padded_layout[:, 2:4] = -1.0                        # negative half sizes: contains no point
         padded_layout[: len(layout)] = layout
         sample.update({"bev_map": dense_targets.bev_map(boxes, labels, layout), "occupancy": dense_targets.occupancy(boxes, labels),
-                       "occ_mask": dense_targets.visibility(depth, sample["lidar2img"]).cpu(), "layout": padded_layout})
+                       "occ_mask": dense_targets.visibility(sample["depth"], sample["lidar2img"]), "layout": padded_layout})
     return sample
 
 
