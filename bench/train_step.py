@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--observer", default="mse", help="minmax calibrates fastest; step times do not depend on it")
-    parser.add_argument("--budget-s", type=float, default=1e9, help="skip compiled arms started after this")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip arms started after this many seconds")
     parser.add_argument("--out", default="bench/train_step.json")
     parser.add_argument("--profile-out", default=None)
     args = parser.parse_args()
@@ -210,49 +210,50 @@ def main() -> None:
                                 "torch": torch.__version__, "models": {}}
     profiles = []
     names = args.models or list(models)
-    # Float arms first: their own eager/compiled difference sets the quantized arms' tolerance.
+    # Arm by arm over the models, float arms first: their own eager/compiled difference sets
+    # the quantized arms' tolerance, and a time budget drops whole arms last.
     arms = sorted(args.arms, key=lambda arm: arm not in FLOAT_ARMS)
     bases: dict[str, nn.Module] = {}
-    for name in names:
+    float_diffs: dict[str, list[float]] = {name: [] for name in names}
+    for arm, name in [(arm, name) for arm in arms for name in names]:
         build, shape = models[name]
-        torch.manual_seed(0)
-        bases[name] = build()
+        if name not in bases:
+            torch.manual_seed(0)
+            bases[name] = build()
         rows = results["models"].setdefault(name, {})
-        float_diffs: list[float] = []
-        for arm in arms:
-            torch._dynamo.reset()
-            labels = [arm] + ([f"{arm} compiled"] if arm in args.compile_arms else [])
-            try:
-                model = make_arm(arm, copy.deepcopy(bases[name]).to(device), shape, device, args.calib_batches, config)
-                x, y = _batch(shape, device)
-                compiled = torch.compile(model, backend=args.compile_backend)
-                tolerance = None if arm in FLOAT_ARMS else tolerance_from_floor(float_diffs)
-                check = grad_check(model, compiled, (x,), lambda out: F.cross_entropy(out, y), tolerance, f"{name}/{arm}")
-                if arm in FLOAT_ARMS:
-                    float_diffs.append(check["worst_rel_diff"])
-                rows[arm] = {**time_steps(model, model, shape, device, args.warmup, args.steps), "grad_check": check}
-                if len(labels) > 1:
-                    if time.perf_counter() - started > args.budget_s:
-                        rows[labels[1]] = {"skipped": "time budget"}
-                    else:
-                        rows[labels[1]] = {**time_steps(model, compiled, shape, device, args.warmup, args.steps),
-                                           "grad_check": check}
-                if arm in args.profile_arms:
-                    profiles.append(f"== {name} / {arm}\n{profile_steps(model, shape, device, 15)}")
-                    print(profiles[-1], flush=True)
-                    if args.profile_out:
-                        with open(args.profile_out, "w") as handle:
-                            handle.write("\n".join(profiles))
-            except Exception as error:  # a failing or refused arm is a result too
-                for label in labels:
-                    rows.setdefault(label, {"error": f"{type(error).__name__}: {str(error)[:600]}"})
-            model = compiled = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        labels = [arm] + ([f"{arm} compiled"] if arm in args.compile_arms else [])
+        if time.perf_counter() - started > args.budget_s:
+            rows.update({label: {"skipped": "time budget"} for label in labels})
+            continue
+        try:
+            model = make_arm(arm, copy.deepcopy(bases[name]).to(device), shape, device, args.calib_batches, config)
+            x, y = _batch(shape, device)
+            compiled = torch.compile(model, backend=args.compile_backend) if len(labels) > 1 else None
+            tolerance = tolerance_from_floor(float_diffs[name]) if arm not in FLOAT_ARMS and float_diffs[name] else None
+            check = grad_check(model, compiled, (x,), lambda out: F.cross_entropy(out, y), tolerance, f"{name}/{arm}")
+            if arm in FLOAT_ARMS and compiled is not None:
+                float_diffs[name].append(check["worst_rel_diff"])
+            rows[arm] = {**time_steps(model, model, shape, device, args.warmup, args.steps), "grad_check": check}
+            if compiled is not None:
+                rows[labels[1]] = {**time_steps(model, compiled, shape, device, args.warmup, args.steps),
+                                   "grad_check": check}
+            if arm in args.profile_arms:
+                profiles.append(f"== {name} / {arm}\n{profile_steps(model, shape, device, 15)}")
+                print(profiles[-1], flush=True)
+                if args.profile_out:
+                    with open(args.profile_out, "w") as handle:
+                        handle.write("\n".join(profiles))
+        except Exception as error:  # a failing or refused arm is a result too
             for label in labels:
-                print(f"{name:10} {label:28} {json.dumps(rows.get(label))}", flush=True)
-            with open(args.out, "w") as handle:
-                json.dump(results, handle, indent=2)
+                rows.setdefault(label, {"error": f"{type(error).__name__}: {str(error)[:600]}"})
+        model = compiled = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for label in labels:
+            print(f"{name:10} {label:28} {json.dumps(rows.get(label))}", flush=True)
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
     print_table(results)
 
 
