@@ -3,9 +3,18 @@
 Models: torchvision ResNet-50 and ViT-B/16, random init, batch 64 at 224x224, cross-entropy on
 random labels, SGD (momentum 0.9). Arms: FP32; torch.ao FX LSQ W4A8 full QAT (the anchor,
 ``bench/torch_ao_lsq.py``); our full QAT W4A8 (``Select("all")``); our PTQAT W4A8 with the
-small-discrepancy half trainable (``Select("small", fraction=0.5)``). Each arm eager, and for
-the arms named by ``--compile-arms`` through ``torch.compile``. Calibration and analysis use a
-few batches of random data: enough for timing, which does not depend on the scales.
+small-discrepancy half trainable (``Select("small", fraction=0.5)``); and two floors: ``floor``,
+the PTQAT model's structure (BN folded, the same trainable layers) with every quantizer removed,
+and ``floor_all``, the same for full QAT. PTQAT/floor and full-QAT/floor_all are the cost of fake
+quantization itself. Each arm eager, and for the arms named by ``--compile-arms`` through
+``torch.compile``. Calibration and analysis use a few batches of random data: enough for timing,
+which does not depend on the scales. torchvision's ViT head is zero-initialised, which makes every
+upstream gradient zero; it is drawn from N(0, 0.02) here so the gradient check means something.
+
+Before anything is timed, every arm passes ``bench.grad_check``: one eager and one compiled
+backward from the same state; an arm whose trainable tensors get a missing or zero gradient,
+or a compiled gradient further from eager than the float arms' own difference allows, is refused
+(its row says why) and not timed.
 
 Step time: CUDA events around each step (forward, loss, backward, optimizer step), median of
 ``--steps`` steps after ``--warmup``. Peak memory: ``max_memory_allocated`` over the timed
@@ -29,10 +38,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import ptqat_fx
+from bench.grad_check import grad_check, tolerance_from_floor
 from bench.torch_ao_lsq import prepare_torch_ao_lsq
+from ptqat_fx.passes.freeze import FLOAT_WEIGHT_KEY
 from tests.zoo.torchvision_zoo import load_torchvision
 
-ARMS = ("fp32", "torch_ao_lsq", "ours_qat", "ptqat_small_0.5")
+ARMS = ("fp32", "floor", "floor_all", "torch_ao_lsq", "ours_qat", "ptqat_small_0.5")
+FLOAT_ARMS = ("fp32", "floor", "floor_all")
+# The floor each quantized arm is compared with.
+FLOOR_OF = {"ptqat_small_0.5": "floor", "ours_qat": "floor_all"}
+
+
+def _nonzero_head(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def built() -> nn.Module:
+        model = build()
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+        return model
+    return built
 
 
 def build_models(tiny: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
@@ -42,9 +64,32 @@ def build_models(tiny: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[i
         vit = lambda: torchvision.models.VisionTransformer(  # noqa: E731
             image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
         return {"ResNet-50": (lambda: torchvision.models.resnet50(num_classes=10), (2, 3, 32, 32)),
-                "ViT-B/16": (vit, (2, 3, 32, 32))}
+                "ViT-B/16": (_nonzero_head(vit), (2, 3, 32, 32))}
     return {"ResNet-50": (torchvision.models.resnet50, (64, 3, 224, 224)),
-            "ViT-B/16": (torchvision.models.vit_b_16, (64, 3, 224, 224))}
+            "ViT-B/16": (_nonzero_head(torchvision.models.vit_b_16), (64, 3, 224, 224))}
+
+
+def strip_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The float floor of a quantized (frozen) model: the same graph, BN folded, frozen layers
+    as ``frozen_conv``, the same trainable weights, but every quantizer removed (a frozen layer
+    reads its float weight, a fused ``quantized_*`` layer its float form) and no step sizes
+    trainable. Rewrites ``gm`` in place."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ == "FakeQuantizer":
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == "get_attr" and FLOAT_WEIGHT_KEY in node.meta:
+            node.target = node.meta[FLOAT_WEIGHT_KEY]
+        elif node.op == "call_function" and hasattr(node.target, "float_reference"):
+            node.target = node.target.float_reference
+    for name, parameter in gm.named_parameters():
+        if name.endswith(".scale"):
+            parameter.requires_grad_(False)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
 
 
 def make_arm(arm: str, model: nn.Module, shape: tuple[int, ...], device: torch.device, calib_batches: int,
@@ -57,8 +102,16 @@ def make_arm(arm: str, model: nn.Module, shape: tuple[int, ...], device: torch.d
         return model.train()
     if arm == "torch_ao_lsq":
         return prepare_torch_ao_lsq(model, (calib[0],), config.w_bits, config.a_bits).train()
-    select = ptqat_fx.Select("all") if arm == "ours_qat" else ptqat_fx.Select("small", fraction=0.5)
-    return ptqat_fx.quantize(model.train(), (calib[0],), calib, config, select, progress=False).train()
+    select = ptqat_fx.Select("all") if arm in ("ours_qat", "floor_all") else ptqat_fx.Select("small", fraction=0.5)
+    quantized = ptqat_fx.quantize(model.train(), (calib[0],), calib, config, select, progress=False).train()
+    return strip_quantizers(quantized) if arm in ("floor", "floor_all") else quantized
+
+
+def _batch(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(shape, generator=generator, device=device)
+    classes = 1000 if shape[-1] == 224 else 10
+    return x, torch.randint(0, classes, (shape[0],), generator=generator, device=device)
 
 
 def _sync(device: torch.device) -> None:
@@ -66,16 +119,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model: nn.Module, shape: tuple[int, ...], device: torch.device, warmup: int, steps: int,
-               compile_backend: str | None) -> dict[str, float]:
-    """Median step time (ms), peak memory (bytes) and first-step time (s, includes compilation)."""
-    generator = torch.Generator(device=device).manual_seed(2)
-    x = torch.randn(shape, generator=generator, device=device)
-    classes = 1000 if shape[-1] == 224 else 10
-    y = torch.randint(0, classes, (shape[0],), generator=generator, device=device)
+def time_steps(model: nn.Module, forward: Callable, shape: tuple[int, ...], device: torch.device, warmup: int,
+               steps: int) -> dict[str, float]:
+    """Median step time (ms), peak memory (bytes) and first-step time (s) of ``forward``
+    (``model`` or its compiled form) training ``model``."""
+    x, y = _batch(shape, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)
-    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def step() -> None:
         loss = F.cross_entropy(forward(x), y)
@@ -146,7 +196,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--observer", default="mse", help="minmax calibrates fastest; step times do not depend on it")
-    parser.add_argument("--budget-s", type=float, default=1e9, help="skip compiled arms started after this")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip arms started after this many seconds")
     parser.add_argument("--out", default="bench/train_step.json")
     parser.add_argument("--profile-out", default=None)
     args = parser.parse_args()
@@ -160,59 +210,73 @@ def main() -> None:
                                 "torch": torch.__version__, "models": {}}
     profiles = []
     names = args.models or list(models)
-    # Eager runs model by model; compiled runs arm by arm, so a time budget drops whole arms last.
-    runs = [(name, arm, False) for name in names for arm in args.arms]
-    runs += [(name, arm, True) for arm in args.compile_arms for name in names]
+    # Arm by arm over the models, float arms first: their own eager/compiled difference sets
+    # the quantized arms' tolerance, and a time budget drops whole arms last.
+    arms = sorted(args.arms, key=lambda arm: arm not in FLOAT_ARMS)
     bases: dict[str, nn.Module] = {}
-    for name, arm, compiled in runs:
+    float_diffs: dict[str, list[float]] = {name: [] for name in names}
+    for arm, name in [(arm, name) for arm in arms for name in names]:
         build, shape = models[name]
         if name not in bases:
             torch.manual_seed(0)
             bases[name] = build()
         rows = results["models"].setdefault(name, {})
-        label = f"{arm} compiled" if compiled else arm
-        if compiled and time.perf_counter() - started > args.budget_s:
-            rows[label] = {"skipped": "time budget"}
-            continue
         torch._dynamo.reset()
+        labels = [arm] + ([f"{arm} compiled"] if arm in args.compile_arms else [])
+        if time.perf_counter() - started > args.budget_s:
+            rows.update({label: {"skipped": "time budget"} for label in labels})
+            continue
         try:
             model = make_arm(arm, copy.deepcopy(bases[name]).to(device), shape, device, args.calib_batches, config)
-            rows[label] = time_steps(model, shape, device, args.warmup, args.steps,
-                                     args.compile_backend if compiled else None)
-            if arm in args.profile_arms and not compiled:
+            x, y = _batch(shape, device)
+            compiled = torch.compile(model, backend=args.compile_backend) if len(labels) > 1 else None
+            tolerance = tolerance_from_floor(float_diffs[name]) if arm not in FLOAT_ARMS and float_diffs[name] else None
+            check = grad_check(model, compiled, (x,), lambda out: F.cross_entropy(out, y), tolerance, f"{name}/{arm}")
+            if arm in FLOAT_ARMS and compiled is not None:
+                float_diffs[name].append(check["worst_rel_diff"])
+            rows[arm] = {**time_steps(model, model, shape, device, args.warmup, args.steps), "grad_check": check}
+            if compiled is not None:
+                rows[labels[1]] = {**time_steps(model, compiled, shape, device, args.warmup, args.steps),
+                                   "grad_check": check}
+            if arm in args.profile_arms:
                 profiles.append(f"== {name} / {arm}\n{profile_steps(model, shape, device, 15)}")
                 print(profiles[-1], flush=True)
                 if args.profile_out:
                     with open(args.profile_out, "w") as handle:
                         handle.write("\n".join(profiles))
-        except Exception as error:  # a failing arm is a result too (torch.ao fails on some models)
-            rows[label] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-        model = None
+        except Exception as error:  # a failing or refused arm is a result too
+            for label in labels:
+                rows.setdefault(label, {"error": f"{type(error).__name__}: {str(error)[:600]}"})
+        model = compiled = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(f"{name:10} {label:28} {json.dumps(rows[label])}", flush=True)
+        for label in labels:
+            print(f"{name:10} {label:28} {json.dumps(rows.get(label))}", flush=True)
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
     print_table(results)
 
 
 def print_table(results: dict) -> None:
-    """Markdown table: step time and peak memory, and their ratios to FP32 in the same mode
-    (eager, or compiled where FP32 compiled ran)."""
+    """Markdown table: step time and peak memory, their ratios to FP32 in the same mode (eager,
+    or compiled where FP32 compiled ran), and each quantized arm's step time over its floor."""
     print(f"\ndevice: {results['device']}, torch {results['torch']}")
-    print("| model | arm | step ms | x FP32 step | peak GB | x FP32 peak | trainable params |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | arm | step ms | x FP32 step | x floor step | peak GB | x FP32 peak | trainable params |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rows in results["models"].items():
         for label, row in rows.items():
-            same_mode = "fp32 compiled" if label.endswith("compiled") and "step_ms" in rows.get("fp32 compiled", {}) else "fp32"
-            base = rows.get(same_mode, {})
+            compiled = label.endswith(" compiled")
+            suffix = " compiled" if compiled else ""
+            base = rows.get("fp32" + suffix, {})
             if "step_ms" not in row:
-                print(f"| {name} | {label} | {row.get('error') or row.get('skipped')} | | | | |")
+                print(f"| {name} | {label} | {row.get('error') or row.get('skipped')} | | | | | |")
                 continue
+            floor = rows.get(FLOOR_OF.get(label.removesuffix(" compiled"), "") + suffix, {})
             time_ratio = row["step_ms"] / base["step_ms"] if "step_ms" in base else float("nan")
+            floor_ratio = row["step_ms"] / floor["step_ms"] if "step_ms" in floor else float("nan")
             memory_ratio = row["peak_bytes"] / base["peak_bytes"] if base.get("peak_bytes") else float("nan")
-            print(f"| {name} | {label} | {row['step_ms']:.1f} | {time_ratio:.2f} | {row['peak_bytes'] / 1e9:.2f} "
-                  f"| {memory_ratio:.2f} | {row['trainable_params']:,} |")
+            print(f"| {name} | {label} | {row['step_ms']:.1f} | {time_ratio:.2f} | {floor_ratio:.2f} "
+                  f"| {row['peak_bytes'] / 1e9:.2f} | {memory_ratio:.2f} | {row['trainable_params']:,} |")
 
 
 if __name__ == "__main__":
