@@ -284,13 +284,15 @@ def verdict(values: list[float], reference: list[float]) -> str:
     return f"tie ({difference:+.3g})" if abs(difference) <= spread else f"{'better' if difference > 0 else 'worse'} ({difference:+.3g})"
 
 
-def _number(value: float) -> str:
-    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+def _number(value: float, like: float | None = None) -> str:
+    """2 decimals, 3 below 1; ``like``: with the decimals of that value (a spread with its mean's)."""
+    return f"{value:.{2 if abs(value if like is None else like) >= 1 else 3}f}"
 
 
 def _summary(values: list[float], seeds: int) -> str:
-    spread = f" ± {_number(statistics.stdev(values))}" if len(values) > 1 else ""
-    return f"{_number(statistics.fmean(values))}{spread} ({len(values)}/{seeds})"
+    mean = statistics.fmean(values)
+    spread = f" ± {_number(statistics.stdev(values), mean)}" if len(values) > 1 else ""
+    return f"{_number(mean)}{spread} ({len(values)}/{seeds})"
 
 
 def table(results: dict) -> str:

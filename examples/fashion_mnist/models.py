@@ -83,7 +83,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def train(name: str, arrays: dict[str, np.ndarray], device: torch.device, *, epochs: int | None = None,
-          train_limit: int | None = None, seed: int = 0, log: bool = True) -> tuple[nn.Module, dict]:
+          train_limit: int | None = None, test_limit: int | None = None, seed: int = 0,
+          log: bool = True) -> tuple[nn.Module, dict]:
     """Train model ``name`` by its recipe; returns the model (eval mode) and a report with its test accuracy."""
     recipe = RECIPES[name]
     epochs = epochs or recipe.epochs
@@ -91,8 +92,8 @@ def train(name: str, arrays: dict[str, np.ndarray], device: torch.device, *, epo
     generator = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(arrays["train_images"][:train_limit]).to(device)
     labels = torch.from_numpy(arrays["train_labels"][:train_limit]).long().to(device)
-    test_images = torch.from_numpy(arrays["test_images"]).to(device)
-    test_labels = torch.from_numpy(arrays["test_labels"]).long().to(device)
+    test_images = torch.from_numpy(arrays["test_images"][:test_limit]).to(device)
+    test_labels = torch.from_numpy(arrays["test_labels"][:test_limit]).long().to(device)
     model = build(name).to(device).train()
     if recipe.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
@@ -118,7 +119,7 @@ def train(name: str, arrays: dict[str, np.ndarray], device: torch.device, *, epo
             print(f"{name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f} {time.perf_counter() - start:.0f} s", flush=True)
     model.eval()
     report = {
-        "model": name, "recipe": {**vars(recipe), "epochs": epochs}, "steps": step, "train_images": len(labels),
+        "model": name, "recipe": {**vars(recipe), "epochs": epochs}, "steps": step, "train_images": len(labels), "test_images": len(test_labels),
         "train_seconds": round(time.perf_counter() - start, 1), "test_accuracy": accuracy(model, test_images, test_labels),
         "params": sum(p.numel() for p in model.parameters()), "device": str(device), "torch": str(torch.__version__),
     }
