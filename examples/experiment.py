@@ -265,7 +265,8 @@ def run_grid(tasks: list[Task], bit_settings: Iterable[str], seeds: Iterable[int
                                   torch=str(torch.__version__))
                     results["cells"][cell_key(task.name, bits, seed, name)] = record
                     _write(path, results)
-                    log(f"{cell_key(task.name, bits, seed, name)}: {record['metrics']} in {time.perf_counter() - start:.1f} s")
+                    log(f"{cell_key(task.name, bits, seed, name)}: {task.metric} {record['metrics'][task.metric]:.4g} "
+                        f"in {time.perf_counter() - start:.1f} s")
     return results
 
 
@@ -295,16 +296,17 @@ def _summary(values: list[float], seeds: int) -> str:
     return f"{_number(mean)}{spread} ({len(values)}/{seeds})"
 
 
-def table(results: dict) -> str:
+def table(results: dict, metric: str | None = None) -> str:
     """Markdown: per task and bit setting, one row per arm (mean ± sd over seeds, the verdict
     against full QAT and PTQ, trainable layer parameters, peak memory, fine-tune time); cells
-    not in ``results`` say "not run". Then the learning curves, where cells have them."""
+    not in ``results`` say "not run". Then the learning curves, where cells have them. ``metric``:
+    another key of the tasks' metrics than their headline one (``NDS_like``)."""
     lines, cells = [], results["cells"]
     for task, grid in results["grid"].items():
-        metric, seeds = grid["metric"], grid["seeds"]
+        metric, seeds = metric or grid["metric"], grid["seeds"]
         fp = results["fp"].get(task, {})
-        lines += [f"### {task}", "", f"FP: {', '.join(f'{k} {_number(v)}' for k, v in fp.items())}; seeds {seeds}; "
-                  f"budget {results['budget']}", ""]
+        fp_value = _number(fp[metric]) if metric in fp else "not run"
+        lines += [f"### {task}", "", f"FP {metric}: {fp_value}; seeds {seeds}; budget {results['budget']}", ""]
         for bits in grid["bits"]:
             found = {name: [cells[k] for seed in seeds if (k := cell_key(task, bits, seed, name)) in cells] for name in arms(0)}
             values = {name: [c["metrics"][metric] for c in group] for name, group in found.items()}
@@ -401,9 +403,10 @@ def main() -> None:
     run.add_argument("--test-images", type=int, default=None)
     show = commands.add_parser("table", help="markdown tables of a results JSON")
     show.add_argument("results")
+    show.add_argument("--metric", default=None, help="a metric other than each task's headline one")
     args = parser.parse_args()
     if args.command == "table":
-        print(table(json.loads(Path(args.results).read_text())))
+        print(table(json.loads(Path(args.results).read_text()), args.metric))
         return
     deadline = time.perf_counter() + args.seconds
     budget = Budget(args.steps, args.lr, args.calib_batches, args.objective)
