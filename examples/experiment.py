@@ -225,19 +225,27 @@ def load_results(path: Path, budget: Budget) -> dict:
     return results
 
 
+def merge_grid(results: dict, task: str, grid: dict) -> None:
+    """Add ``grid``'s bit settings and seeds to those ``results`` records for ``task``."""
+    mine = results["grid"].setdefault(task, {"metric": grid["metric"], "bits": [], "seeds": []})
+    mine["bits"] = sorted(set(mine["bits"]) | set(grid["bits"]), key=lambda b: (-parse_bits(b)[0], -parse_bits(b)[1]))
+    mine["seeds"] = sorted(set(mine["seeds"]) | set(grid["seeds"]))
+
+
 def run_grid(tasks: list[Task], bit_settings: Iterable[str], seeds: Iterable[int], budget: Budget, path: str | Path,
              *, deadline: float = math.inf, only: Iterable[str] | None = None, curve_every: int | None = None,
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = print, slowest: dict[str, float] | None = None) -> dict:
     """Run every missing (task, bits, seed, arm) cell, writing ``path`` after each; stop before
-    ``deadline`` (a ``time.perf_counter()`` value) when the next cell would not fit."""
+    ``deadline`` (a ``time.perf_counter()`` value) when the next cell would not fit, judged by
+    the slowest PTQ state and arm seen so far (``slowest``: pass one dict to several calls)."""
     path = Path(path)
     results = load_results(path, budget)
     bit_settings, seeds = list(bit_settings), list(seeds)
-    slowest = {"prepare": 0.0, "arm": 0.0}
+    slowest = slowest if slowest is not None else {}
+    slowest.setdefault("prepare", 0.0)
+    slowest.setdefault("arm", 0.0)
     for task in tasks:
-        grid = results["grid"].setdefault(task.name, {"metric": task.metric, "bits": [], "seeds": []})
-        grid["bits"] = sorted(set(grid["bits"]) | set(bit_settings), key=lambda b: (-parse_bits(b)[0], -parse_bits(b)[1]))
-        grid["seeds"] = sorted(set(grid["seeds"]) | set(seeds))
+        merge_grid(results, task.name, {"metric": task.metric, "bits": bit_settings, "seeds": seeds})
         if task.name not in results["fp"]:
             with torch.no_grad():
                 results["fp"][task.name] = task.evaluate(task.build_model().eval())
