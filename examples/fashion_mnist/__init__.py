@@ -1,0 +1,1 @@
+"""Fashion-MNIST (real data, no network): a loader, two FP models and their experiment tasks."""
