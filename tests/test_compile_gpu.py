@@ -60,17 +60,25 @@ def test_compiled_gradients_equal_eager_gradients_on_cuda(name, select):
     float_model = build().cuda().train()
     x = torch.randn(shape, device="cuda")
     floor = _relative_errors(_gradients(float_model, x, False), _gradients(float_model, x, True))
-    # Float reordering inside compiled kernels; the quantized model rounds near-ties
-    # differently too, which moves a gradient by a few steps at most.
-    tolerance = max(10 * max(floor.values()), 2e-3)
+    typical_floor = sorted(floor.values())[len(floor) // 2]
+
+    def tolerance(name: str) -> float:
+        # What compilation alone changes in the same tensor of the float model (a
+        # key bias's gradient is ~0 in exact arithmetic, so its relative error is
+        # large there too); step sizes have no float twin and take the median. The
+        # quantized model also rounds near-ties differently: a factor of 10, at least 2e-3.
+        return max(10 * floor.get(name, typical_floor), 2e-3)
+
     config = ptqat_fx.QuantConfig(w_bits=4, a_bits=8, w_observer="minmax", a_observer="minmax")
     calibration = [torch.randn(shape, device="cuda") for _ in range(2)]
     qmodel = ptqat_fx.quantize(copy.deepcopy(float_model), (x,), calibration, config, select, progress=False).train()
     eager = _gradients(qmodel, x, False)
     compiled = _gradients(qmodel, x, True)
     assert eager and eager.keys() == compiled.keys()
-    zero = [n for n, g in compiled.items() if not g.abs().sum() and eager[n].abs().sum()]
+    largest = max(g.norm() for g in eager.values())
+    zero = [n for n, g in compiled.items() if not g.abs().sum() and eager[n].norm() > 1e-6 * largest]
     assert not zero, f"compiled step gives zero gradient to {len(zero)} of {len(eager)} tensors: {zero[:5]}"
     errors = _relative_errors(eager, compiled)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= tolerance, f"{worst}: relative gradient error {errors[worst]:.2e} > {tolerance:.2e}"
+    excess = {name: error / tolerance(name) for name, error in errors.items()}
+    worst = max(excess, key=excess.get)
+    assert excess[worst] <= 1, f"{worst}: relative gradient error {errors[worst]:.2e} > {tolerance(worst):.2e}"

@@ -84,6 +84,12 @@ def main() -> None:
     fp = task.evaluate(model)
     print(f"{args.task}: FP mIoU {fp['mIoU']:.4f} ({time.perf_counter() - wall:.0f} s)", flush=True)
     results: dict[str, object] = {"args": vars(args), "fp": fp, "ptq": {}, "arms": {}}
+
+    def save() -> None:
+        # After every stage, so a run cut short by its time limit keeps what it measured.
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(results, handle, indent=1)
     states = {}
     for bits in ((4, 8), (4, 4)):
         states[bits] = analysed_ptq(model, calib, n_inputs, *bits)
@@ -99,10 +105,12 @@ def main() -> None:
             break
     results["hard_setting"] = f"W{hard[0]}A{hard[1]}"
     results["hard_drop_reached"] = fp["mIoU"] - results["ptq"][results["hard_setting"]]["mIoU"] >= args.min_drop
+    save()
     for bits in dict.fromkeys(((4, 8), hard)):
         key = f"W{bits[0]}A{bits[1]}"
         print(f"{args.task} {key} arms ({time.perf_counter() - wall:.0f} s):", flush=True)
         results["arms"][key] = arms(task, model, states[bits], data, args)
+        save()
     results["total_s"] = round(time.perf_counter() - wall, 1)
     print(f"\n{args.task}: FP mIoU {fp['mIoU']:.4f}; PTQ " + ", ".join(f"{k} {v['mIoU']:.4f}" for k, v in results["ptq"].items()))
     print(f"{'setting':<8} {'arm':<20} {'mIoU':>7} {'trainable layer params':>23}")
@@ -110,9 +118,7 @@ def main() -> None:
         for name, row in rows.items():
             print(f"{key:<8} {name:<20} {row['mIoU']:7.4f} {row['trainable_layer_params']:>23,}")
     print(f"total {results['total_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+    save()
 
 
 if __name__ == "__main__":
