@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .attention import unfuse_attention
-from .batches import KeywordBatches, bind_positional
+from .runtime.attention import unfuse_attention
+from .model_inputs import KeywordBatches, bind_positional
 from .config import QuantConfig, Select
 from .coverage import coverage
-from .dump.stages import StageDumper
+from .views.dump.stages import StageDumper
 from .errors import InputError
 from .passes.annotate import annotate
 from .passes.calibrate import calibrate

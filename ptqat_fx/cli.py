@@ -20,10 +20,10 @@ from torch import fx, nn
 
 from .api import quantize
 from .config import STRATEGIES, QuantConfig, Select
-from .dump.stages import StageDumper, stage_names
+from .views.dump.stages import StageDumper, stage_names
 from .errors import PTQATError
 from .passes.convert import convert
-from .report import report
+from .views.report import report
 
 _DEMO_FACTORY, _DEMO_SHAPE = "examples.resnet_small:build", "16,3,32,32"
 _EPILOG = """examples:

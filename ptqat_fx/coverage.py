@@ -15,7 +15,7 @@ from torch import fx
 
 from .layer_spec import layer_specs
 from .passes.annotate import MODULE_KINDS
-from .quantizer import FakeQuantizer
+from .runtime.quantizer import FakeQuantizer
 from .tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
 
 

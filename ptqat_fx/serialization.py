@@ -33,10 +33,10 @@ from torch import fx, nn
 
 from .config import QuantConfig, Select
 from .errors import SerializationError
-from .frozen_conv import frozen_conv
+from .runtime.frozen_conv import frozen_conv
 from .layer_spec import LayerSpec
-from .quantized_layers import quantized_conv, quantized_linear, quantized_matmul
-from .quantizer import FakeQuantizer
+from .runtime.fused_layers import quantized_conv, quantized_linear, quantized_matmul
+from .runtime.quantizer import FakeQuantizer
 
 FORMAT = "ptqat-fx.graph"
 VERSION = 1

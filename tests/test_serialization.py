@@ -9,7 +9,7 @@ from torch import nn
 
 import ptqat_fx
 from ptqat_fx.layer_spec import layer_specs
-from ptqat_fx.quantizer import quantizers
+from ptqat_fx.runtime.quantizer import quantizers
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
 
 

@@ -33,7 +33,7 @@ from torch import fx
 
 from ..errors import InputError
 from ..passes.convert import IntegerWeight, deployable_layers, integer_weight, require_lowerable
-from ..quantizer import FakeQuantizer, is_quantizer_node
+from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 
 DOMAIN = "ptqat_fx"
 DEFAULT_OPSET = 21

@@ -31,9 +31,9 @@ from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer
 
 from ..errors import CalibrationError, InputError
-from ..frozen_conv import frozen_conv
+from ..runtime.frozen_conv import frozen_conv
 from ..layer_spec import META_KEY, layer_nodes, layer_specs
-from ..quantizer import FakeQuantizer, broadcast_scale, is_quantizer_node, quantizers
+from ..runtime.quantizer import FakeQuantizer, broadcast_scale, is_quantizer_node, quantizers
 from .unfuse import unfuse
 
 CONVERT_KEY = "ptqat_convert"

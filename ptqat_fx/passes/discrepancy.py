@@ -26,12 +26,12 @@ import torch
 from torch import fx
 from torch.fx.node import map_aggregate
 
-from ..batches import model_args
+from ..model_inputs import model_args
 from ..config import METRICS, MODES
 from ..errors import CalibrationError, ConfigError
 from ..layer_spec import META_KEY, LayerSpec, layer_specs
 from ..progress import progress_bar
-from ..quantizer import FakeQuantizer, fake_quantize_forward
+from ..runtime.quantizer import FakeQuantizer, fake_quantize_forward
 from .freeze import FLOAT_WEIGHT_KEY
 
 

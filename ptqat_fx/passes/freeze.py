@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..errors import ConfigError
-from ..frozen_conv import frozen_conv
+from ..runtime.frozen_conv import frozen_conv
 from ..layer_spec import META_KEY, LayerSpec, layer_nodes
-from ..quantized_layers import quantized_conv, quantized_linear, quantized_matmul
-from ..quantizer import FakeQuantizer, is_quantizer_node
+from ..runtime.fused_layers import quantized_conv, quantized_linear, quantized_matmul
+from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 from .unfuse import FUSED_FROM_KEY
 
 FLOAT_WEIGHT_KEY = "ptqat_float_weight"

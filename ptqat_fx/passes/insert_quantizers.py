@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from ..config import QuantConfig
 from ..layer_spec import META_KEY, LayerSpec, layer_nodes
-from ..quantizer import FakeQuantizer
+from ..runtime.quantizer import FakeQuantizer
 
 # Producers whose output is never negative: an unsigned range doubles their resolution.
 _NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)

@@ -18,7 +18,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..config import QuantConfig
-from ..quantizer import FakeQuantizer
+from ..runtime.quantizer import FakeQuantizer
 
 JOIN_KEY = "ptqat_join_quantizer"
 _ADDS = {operator.add, operator.iadd, torch.add}

@@ -18,10 +18,10 @@ from torch import fx, nn
 
 from ..config import QuantConfig
 from ..layer_spec import META_KEY, LayerSpec
-from ..leaf_layers import QUANTIZED_CLASSES, is_quantized_layer, quantize_layer_module
+from ..runtime.quantized_modules import QUANTIZED_CLASSES, is_quantized_layer, quantize_layer_module
 from .annotate import MODULE_KINDS
-from ..opaque_call import OpaqueCall
-from ..quantizer import FakeQuantizer
+from ..runtime.opaque_call import OpaqueCall
+from ..runtime.quantizer import FakeQuantizer
 from ..tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
 
 LEAF_KEY = "ptqat_leaf"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..quantized_layers import quantized_matmul
+from ..runtime.fused_layers import quantized_matmul
 
 FUSED_FROM_KEY = "ptqat_fused_from"
 

@@ -13,7 +13,7 @@ from torch import nn
 import ptqat_fx
 from ptqat_fx.export.verify import agreement, onnxruntime_session, run_onnx
 from ptqat_fx.layer_spec import layer_nodes
-from ptqat_fx.quantizer import is_quantizer_node
+from ptqat_fx.runtime.quantizer import is_quantizer_node
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
 
 

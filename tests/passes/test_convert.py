@@ -10,7 +10,7 @@ from ptqat_fx.layer_spec import layer_nodes
 from ptqat_fx.passes.annotate import annotate
 from ptqat_fx.passes.convert import CONVERT_KEY, pack_int4, quantize_dequantize, state_dict_bytes, unpack_int4
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
-from ptqat_fx.quantizer import quantizers
+from ptqat_fx.runtime.quantizer import quantizers
 from ptqat_fx.tracing import trace
 from examples import mlp
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 import ptqat_fx
 from ptqat_fx import ConfigError, Select
-from ptqat_fx.frozen_conv import frozen_conv
+from ptqat_fx.runtime.frozen_conv import frozen_conv
 from ptqat_fx.layer_spec import layer_specs
-from ptqat_fx.memory import saved_tensor_bytes
+from ptqat_fx.saved_tensors import saved_tensor_bytes
 from ptqat_fx.passes.freeze import freeze
 from ptqat_fx.passes.select import select_layers
 from examples import mlp, resnet_small, vit_small

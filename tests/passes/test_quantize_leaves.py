@@ -8,8 +8,8 @@ from torch import fx, nn
 
 import ptqat_fx
 from ptqat_fx.coverage import coverage
-from ptqat_fx.leaf_layers import QuantizedConvTranspose2d, QuantizedLinear
-from ptqat_fx.opaque_call import OpaqueCall
+from ptqat_fx.runtime.quantized_modules import QuantizedConvTranspose2d, QuantizedLinear
+from ptqat_fx.runtime.opaque_call import OpaqueCall
 from ptqat_fx.passes.quantize_leaves import LEAF_KEY, leaf_layer_specs
 
 G = torch.Generator().manual_seed(0)

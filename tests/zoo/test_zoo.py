@@ -6,8 +6,8 @@ import pytest
 import ptqat_fx
 from ptqat_fx import TraceError
 
-from .cases import cases, measure
-from .torchvision_zoo import load_torchvision
+from tests.zoo.cases import cases, measure
+from tests.zoo.torchvision_zoo import load_torchvision
 
 pytestmark = pytest.mark.slow
 

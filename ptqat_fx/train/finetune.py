@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batches import model_args
+from ..model_inputs import model_args
 from .distill import distillation_loss
-from .errors import ConfigError, InputError
-from .progress import progress_bar
-from .quantizer import quantizers
+from ..errors import ConfigError, InputError
+from ..progress import progress_bar
+from ..runtime.quantizer import quantizers
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_spec import LayerSpec
+from ..layer_spec import LayerSpec
 from .quantizer import FakeQuantizer
 
 

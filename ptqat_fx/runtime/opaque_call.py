@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .layer_spec import LayerSpec
+from ..layer_spec import LayerSpec
 
 # What F.linear / F.conv* resolve to inside __torch_function__.
 LAYER_FUNCTIONS = {

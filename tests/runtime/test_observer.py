@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ptqat_fx.observer import RangeObserver
+from ptqat_fx.runtime.observer import RangeObserver
 
 
 def _brute_force_mse_clip(x: torch.Tensor, qmax: int, candidates: torch.Tensor) -> float:

@@ -42,10 +42,10 @@ from typing import Any
 
 from torch import fx
 
-from ..layer_graph import layer_graph
-from ..layer_spec import META_KEY, LayerSpec
-from ..passes.unfuse import FUSED_FROM_KEY
-from ..quantizer import FakeQuantizer, quantizers
+from ...layer_graph import layer_graph
+from ...layer_spec import META_KEY, LayerSpec
+from ...passes.unfuse import FUSED_FROM_KEY
+from ...runtime.quantizer import FakeQuantizer, quantizers
 from ..report import trainable_layer_params
 
 SCHEMA = "ptqat-fx.dump/1"

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptqat_fx.quantizer import FakeQuantizer, lsq_fake_quantize, quant_range
+from ptqat_fx.runtime.quantizer import FakeQuantizer, lsq_fake_quantize, quant_range
 
 shapes = st.lists(st.integers(1, 6), min_size=2, max_size=4)
 
