@@ -19,6 +19,7 @@ from torch import fx
 from ..config import Select
 from ..errors import ConfigError
 from ..layer_spec import LayerSpec, layer_specs
+from ..meta import DiscrepancyKey, set_selection
 
 
 def _ranked(specs: list[LayerSpec], select: Select, key: str) -> list[LayerSpec]:
@@ -64,7 +65,7 @@ def select_layers(gm: fx.GraphModule, select: Select | None = None) -> fx.GraphM
     """
     select = select or Select()
     specs = layer_specs(gm)
-    key = f"{select.mode}.{select.metric}"
+    key = str(DiscrepancyKey(select.mode, select.metric))
     if select.strategy == "all":
         chosen = specs
     elif select.strategy == "none" or not specs:
@@ -74,5 +75,5 @@ def select_layers(gm: fx.GraphModule, select: Select | None = None) -> fx.GraphM
     chosen_names = {s.name for s in chosen}
     for spec in specs:
         spec.selected = spec.name in chosen_names
-    gm.meta["ptqat_select"] = select
+    set_selection(gm, select)
     return gm

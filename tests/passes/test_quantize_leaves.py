@@ -10,7 +10,8 @@ import ptqat_fx
 from ptqat_fx.coverage import coverage
 from ptqat_fx.runtime.quantized_modules import QuantizedConvTranspose2d, QuantizedLinear
 from ptqat_fx.runtime.opaque_call import OpaqueCall
-from ptqat_fx.passes.quantize_leaves import LEAF_KEY, leaf_layer_specs
+from ptqat_fx.meta import auto_leaves, leaf_record
+from ptqat_fx.passes.quantize_leaves import leaf_layer_specs
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(8, 4, generator=G)
@@ -61,11 +62,11 @@ def test_leaf_linear_matches_torch_fake_quant_and_keeps_parameter_paths():
 
 def test_layers_not_run_on_the_example_inputs_are_listed_in_float():
     gm = ptqat_fx.quantize(Net(), (X,), [X], progress=False)
-    (leaf,) = gm.meta["ptqat_auto_leaves"]
+    (leaf,) = auto_leaves(gm)
     assert leaf.quantized == ["gate.fc"]
     assert leaf.float_layers == ["gate.unused_branch (not called on the example inputs)"]
     node = next(n for n in gm.graph.nodes if n.target == "gate")
-    assert node.meta[LEAF_KEY]["quantized"] == ["gate.fc"]
+    assert leaf_record(node)["quantized"] == ["gate.fc"]
     assert coverage(gm).float_layers == ["gate.unused_branch"]
     assert [spec.name for spec in leaf_layer_specs(gm)] == ["gate.fc"]
 

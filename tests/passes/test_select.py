@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ptqat_fx import ConfigError, Select
-from ptqat_fx.layer_spec import META_KEY, LayerSpec, layer_specs
+from ptqat_fx.layer_spec import LayerSpec, layer_specs
+from ptqat_fx.meta import set_layer_spec
 from ptqat_fx.passes.select import select_layers
 
 # name: (discrepancy, params)
@@ -21,7 +22,7 @@ def _graph(table=TABLE) -> torch.fx.GraphModule:
         spec = LayerSpec(name, "linear", name, None, None, params, index)
         spec.discrepancy["accumulated.relative"] = value
         spec.discrepancy["local.euclidean"] = params
-        x.meta[META_KEY] = spec
+        set_layer_spec(x, spec)
     gm.graph.output(x)
     return gm
 
