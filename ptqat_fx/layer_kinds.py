@@ -186,6 +186,7 @@ for _spatial, _conv, _module, _quantized, _overload in (
         weight_axis=1, module_arguments=_transposed_arguments, quantized_module=_quantized,
     ))
 register(LayerKind(
-    "matmul", None, (torch.matmul, operator.matmul, torch.bmm, torch.mm), methods=("matmul", "bmm", "mm"),
+    "matmul", None, (torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.linalg.matmul),
+    methods=("matmul", "bmm", "mm"),
     aten=_aten("matmul.default", "bmm.default", "mm.default"), weight_axis=None, fused=quantized_matmul,
 ))
