@@ -15,7 +15,7 @@ import json
 import torch
 
 import ptqat_fx
-from ptqat_fx.memory import saved_tensor_bytes
+from ptqat_fx.saved_tensors import saved_tensor_bytes
 from examples import resnet_small, vit_small
 from bench.torch_ao_lsq import prepare_torch_ao_lsq
 

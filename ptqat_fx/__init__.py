@@ -1,12 +1,12 @@
 """ptqat-fx: PTQAT (hybrid post-training + quantization-aware training) as torch.fx passes."""
 from .api import quantize
 from .config import QuantConfig, Select
-from .dump import dump
+from .views.dump import dump
 from .errors import CalibrationError, ConfigError, InputError, PTQATError, SerializationError, TraceError
 from .export.onnx import export_onnx
-from .finetune import finetune
+from .train.finetune import finetune
 from .passes.convert import convert
-from .report import Report, report
+from .views.report import Report, report
 from .serialization import load, save
 
 __all__ = [

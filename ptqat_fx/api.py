@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .attention import unfuse_attention
-from .batches import KeywordBatches, bind_positional
+from .runtime.attention import unfuse_attention
+from .model_inputs import KeywordBatches, bind_positional
 from .config import QuantConfig, Select
 from .coverage import coverage
-from .dump.stages import StageDumper
+from .views.dump.stages import StageDumper
 from .errors import InputError
+from .meta import set_config, set_num_inputs
 from .passes.annotate import annotate
 from .passes.calibrate import calibrate
 from .passes.discrepancy import discrepancy
@@ -110,12 +111,12 @@ def quantize(
         working_copy, leaf_modules=leaf_modules, concrete_args=concrete_args,
         example_inputs=example_inputs, example_kwargs=example_kwargs, auto_leaf=not strict,
     ))
-    gm.meta["ptqat_config"] = config
+    set_config(gm, config)
     inputs = example_inputs
     if example_kwargs:
         # Keyword inputs become positional ones, in the traced forward's order.
         inputs = bind_positional(inspect.signature(gm.forward), example_inputs, example_kwargs)
-    gm.meta["ptqat_num_inputs"] = len(inputs)  # how finetune() splits batches
+    set_num_inputs(gm, len(inputs))  # how finetune() splits batches
     if config.fold_bn:
         gm = after("bn_folded", fold_bn(gm))
     gm = after("annotated", annotate(gm, config))

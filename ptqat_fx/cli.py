@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
+import importlib.util
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from .api import quantize
-from .config import STRATEGIES, QuantConfig, Select
-from .dump.stages import StageDumper, stage_names
+from .config import QuantConfig, Select
+from .strategies import STRATEGIES
+from .views.dump.stages import StageDumper, stage_names
 from .errors import PTQATError
+from .meta import bits_label
 from .passes.convert import convert
-from .report import report
+from .views.report import report
 
-_DEMO_FACTORY, _DEMO_SHAPE = "examples.resnet_small:build", "16,3,32,32"
+_DEMO_FACTORY, _DEMO_SHAPE = "ptqat_fx.demo_models.resnet_small:build", "16,3,32,32"
 _EPILOG = """examples:
   ptqat-fx demo
   ptqat-fx analyze examples.resnet_small:build --input-shape 16,3,32,32 --html report.html
@@ -59,15 +64,30 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _import_from_cwd_or_path(module_name: str) -> Any:
+    """Import ``module_name``, finding its top-level package in the working directory first
+    (as ``python -m`` would) without putting that directory on ``sys.path``."""
+    top = module_name.partition(".")[0]
+    if top not in sys.modules:
+        spec = importlib.machinery.PathFinder.find_spec(top, [str(Path.cwd())])
+        if spec is not None and spec.loader is not None:
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[top] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[top]
+                raise
+    return importlib.import_module(module_name)
+
+
 def load_factory(spec: str) -> nn.Module:
     """Import ``MODULE:FACTORY`` and call the factory; the result must be an nn.Module."""
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
         raise UsageError(f"{spec!r}: write MODULE:FACTORY, e.g. examples.resnet_small:build")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # as `python -m` does, so local modules import
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_cwd_or_path(module_name)
     except ImportError as error:
         raise UsageError(
             f"cannot import module {module_name!r} ({error}); run from the folder that holds it or install it"
@@ -134,11 +154,7 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "examples").is_dir():
-        raise UsageError("demo runs the bundled examples/ of a ptqat-fx source checkout, which this install lacks")
-    sys.path.insert(0, str(root))
-    print(f"demo: {_DEMO_FACTORY}, input {_DEMO_SHAPE}, W{args.w_bits}A{args.a_bits}, random calibration data")
+    print(f"demo: {_DEMO_FACTORY}, input {_DEMO_SHAPE}, {bits_label(args.w_bits, args.a_bits)}, random calibration data")
     _analyze(args)
 
 

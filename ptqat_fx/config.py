@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import ConfigError
-
-OBSERVERS = ("minmax", "percentile", "mse", "lsq")
-STRATEGIES = ("small", "large", "random", "all", "none")
+from .runtime.observer import OBSERVERS
+from .strategies import STRATEGIES
 MODES = ("local", "accumulated")
 METRICS = ("euclidean", "relative", "mse", "cosine")
 
@@ -51,8 +50,9 @@ class QuantConfig:
 
     w_bits: int = 4
     a_bits: int = 8
-    w_observer: Literal["minmax", "percentile", "mse", "lsq"] = "mse"
-    a_observer: Literal["minmax", "percentile", "mse", "lsq"] = "mse"
+    # Any name registered in runtime.observer.OBSERVERS.
+    w_observer: str = "mse"
+    a_observer: str = "mse"
     percentile: float = 99.99
     skip: tuple[str, ...] = ()
     first_layer_bits: int | None = None
@@ -72,7 +72,7 @@ class QuantConfig:
             if getattr(self, name) not in OBSERVERS:
                 raise ConfigError(
                     f"QuantConfig.{name}={getattr(self, name)!r}: unknown observer; "
-                    f"choose one of {OBSERVERS}"
+                    f"choose one of {tuple(OBSERVERS)}"
                 )
         if not isinstance(self.percentile, (int, float)) or not 0 < self.percentile <= 100:
             raise ConfigError(
@@ -111,7 +111,7 @@ class Select:
             embeddings); they are frozen by default.
     """
 
-    strategy: Literal["small", "large", "random", "all", "none"] = "small"
+    strategy: str = "small"  # any name registered in strategies.STRATEGIES
     fraction: float | None = 0.5
     theta: float | None = None
     param_budget: float | None = None
@@ -123,7 +123,7 @@ class Select:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(
-                f"Select.strategy={self.strategy!r}: unknown strategy; choose one of {STRATEGIES}"
+                f"Select.strategy={self.strategy!r}: unknown strategy; choose one of {tuple(STRATEGIES)}"
             )
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ConfigError(f"Select.fraction={self.fraction!r}: must be in (0, 1]")

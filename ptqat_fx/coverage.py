@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from .layer_kinds import kind_of_type
 from .layer_spec import layer_specs
-from .passes.annotate import MODULE_KINDS
-from .quantizer import FakeQuantizer
-from .tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
+from .meta import auto_leaves, module_types
+from .runtime.quantizer import FakeQuantizer
+from .tracing import AutoLeaf
 
 
 @dataclass
@@ -70,13 +71,13 @@ def _weight_quantized(gm: fx.GraphModule, path: str) -> bool:
 
 def coverage(gm: fx.GraphModule) -> Coverage:
     """The ``Coverage`` of a GraphModule returned by ``quantize`` (traced by ``trace``)."""
-    types = gm.meta.get(MODULE_TYPES_KEY) or {path: type(m) for path, m in gm.named_modules()}
-    module_paths = [path for path, kind in types.items() if issubclass(kind, tuple(MODULE_KINDS))]
+    types = module_types(gm) or {path: type(m) for path, m in gm.named_modules()}
+    module_paths = [path for path, cls in types.items() if (kind := kind_of_type(cls)) is not None and kind.weighted]
     float_modules = [path for path in module_paths if not _weight_quantized(gm, path)]
     graph_only = [
         spec for spec in layer_specs(gm)
         if spec.module_path is None and (spec.weight is None or spec.weight.rpartition(".")[0] not in types)
     ]
     layers = len(module_paths) + len(graph_only)
-    return Coverage(layers, layers - len(float_modules), float_modules, list(gm.meta.get(AUTO_LEAVES_KEY, [])))
+    return Coverage(layers, layers - len(float_modules), float_modules, auto_leaves(gm))
 

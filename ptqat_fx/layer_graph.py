@@ -10,7 +10,8 @@ from __future__ import annotations
 import networkx as nx
 from torch import fx
 
-from .layer_spec import META_KEY, LayerSpec
+from .layer_spec import LayerSpec
+from .meta import layer_spec
 
 
 def layer_graph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -25,7 +26,7 @@ def layer_graph(gm: fx.GraphModule) -> nx.DiGraph:
         upstream: set[str] = set()
         for source in node.all_input_nodes:
             upstream |= nearest_layers[source]
-        spec: LayerSpec | None = node.meta.get(META_KEY)
+        spec: LayerSpec | None = layer_spec(node)
         if spec is None:
             nearest_layers[node] = frozenset(upstream)
             continue

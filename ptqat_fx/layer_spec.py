@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-META_KEY = "ptqat_layer"
+from .meta import layer_spec
 
 
 @dataclass
@@ -43,9 +43,9 @@ class LayerSpec:
 
 def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes that carry a LayerSpec, in graph order."""
-    return [node for node in gm.graph.nodes if META_KEY in node.meta]
+    return [node for node in gm.graph.nodes if layer_spec(node) is not None]
 
 
 def layer_specs(gm: fx.GraphModule) -> list[LayerSpec]:
     """The LayerSpecs of ``gm`` in graph order."""
-    return [node.meta[META_KEY] for node in layer_nodes(gm)]
+    return [layer_spec(node) for node in layer_nodes(gm)]

@@ -33,10 +33,9 @@ from torch import fx, nn
 
 from .config import QuantConfig, Select
 from .errors import SerializationError
-from .frozen_conv import frozen_conv
+from .layer_kinds import graph_functions
 from .layer_spec import LayerSpec
-from .quantized_layers import quantized_conv, quantized_linear, quantized_matmul
-from .quantizer import FakeQuantizer
+from .runtime.quantizer import FakeQuantizer
 
 FORMAT = "ptqat-fx.graph"
 VERSION = 1
@@ -68,7 +67,7 @@ def _allowed_functions() -> dict[str, Any]:
             if not name.startswith("_") and name not in _DENIED_OPERATORS and callable(getattr(module, name)):
                 names[f"{module.__name__}.{name}"] = getattr(module, name)
     # ptqat-fx's own graph functions (what freeze puts in graphs).
-    for function in (frozen_conv, quantized_conv, quantized_linear, quantized_matmul):
+    for function in graph_functions():
         names[f"{function.__module__}.{function.__name__}"] = function
     return names
 

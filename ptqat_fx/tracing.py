@@ -36,7 +36,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
-from .quantizer import FakeQuantizer
+from .runtime.quantizer import FakeQuantizer
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import ptqat_fx
+from ptqat_fx.meta import config
 from ptqat_fx.layer_spec import layer_specs
-from ptqat_fx.quantizer import quantizers
+from ptqat_fx.runtime.quantizer import quantizers
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
 
 
@@ -43,7 +44,7 @@ def test_round_trip_is_bit_identical(name, tmp_path):
         original = qmodel.get_submodule(path)
         assert (quantizer.mode, quantizer.qmin, quantizer.qmax, quantizer.channel_axis) == (
             original.mode, original.qmin, original.qmax, original.channel_axis)
-    assert loaded.meta["ptqat_config"] == qmodel.meta["ptqat_config"]
+    assert config(loaded) == config(qmodel)
     # The loaded model trains like the original: same gradients on the trainable set.
     loaded(x).sum().backward()
     qmodel(x).sum().backward()

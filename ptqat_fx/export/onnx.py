@@ -32,8 +32,8 @@ from onnx import TensorProto, defs, helper, numpy_helper
 from torch import fx
 
 from ..errors import InputError
-from ..passes.convert import IntegerWeight, deployable_layers, integer_weight, require_lowerable
-from ..quantizer import FakeQuantizer, is_quantizer_node
+from ..lowering import IntegerWeight, deployable_layers, integer_weight, require_lowerable
+from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 
 DOMAIN = "ptqat_fx"
 DEFAULT_OPSET = 21

@@ -12,36 +12,14 @@ stays in float.
 """
 from __future__ import annotations
 
-import operator
 from collections import Counter
 
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from ..config import QuantConfig
-from ..layer_spec import META_KEY, LayerSpec
-
-MODULE_KINDS: dict[type, str] = {
-    nn.Linear: "linear",
-    nn.Conv1d: "conv1d",
-    nn.Conv2d: "conv2d",
-    nn.Conv3d: "conv3d",
-    nn.ConvTranspose1d: "conv_transpose1d",
-    nn.ConvTranspose2d: "conv_transpose2d",
-    nn.ConvTranspose3d: "conv_transpose3d",
-}
-FUNCTION_KINDS: dict[object, str] = {
-    F.linear: "linear",
-    F.conv1d: "conv1d",
-    F.conv2d: "conv2d",
-    F.conv3d: "conv3d",
-    F.conv_transpose1d: "conv_transpose1d",
-    F.conv_transpose2d: "conv_transpose2d",
-    F.conv_transpose3d: "conv_transpose3d",
-}
-MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
-MATMUL_METHODS = {"matmul", "bmm", "mm"}
+from ..layer_kinds import LayerKind, kind_of_function, kind_of_method, runs_as_kind
+from ..layer_spec import LayerSpec
+from ..meta import module_stack, set_layer_spec
 
 
 def _parameter_count(gm: fx.GraphModule, *paths: str | None) -> int:
@@ -60,15 +38,30 @@ def _function_bias(node: fx.Node) -> str | None:
 
 def _functional_name(node: fx.Node) -> str:
     """``blocks.0.attn.matmul_1``: the innermost module that made the call, then the node."""
-    stack = node.meta.get("nn_module_stack") or {}
+    stack = module_stack(node)
     owner = next(reversed(stack.values()))[0] if stack else ""
     return f"{owner}.{node.name}" if owner else node.name
 
 
+def _weighted_function_kind(node: fx.Node) -> LayerKind | None:
+    kind = kind_of_function(node.target) if node.op == "call_function" else None
+    return kind if kind is not None and kind.weighted else None
+
+
+def _weightless_kind(node: fx.Node) -> LayerKind | None:
+    if node.op == "call_function":
+        kind = kind_of_function(node.target)
+    elif node.op == "call_method":
+        kind = kind_of_method(node.target)
+    else:
+        return None
+    return kind if kind is not None and not kind.weighted else None
+
+
 def _layer_of(gm: fx.GraphModule, node: fx.Node, calls: Counter, features: set[fx.Node]) -> LayerSpec | None:
     if node.op == "call_module":
+        kind = runs_as_kind(gm.get_submodule(node.target))
         module = gm.get_submodule(node.target)
-        kind = MODULE_KINDS.get(type(module))
         if kind is None or len(node.args) + len(node.kwargs) != 1:
             # Extra call arguments (ConvTranspose's output_size) have no functional form here.
             return None
@@ -76,21 +69,20 @@ def _layer_of(gm: fx.GraphModule, node: fx.Node, calls: Counter, features: set[f
         name = node.target if calls[node.target] == 1 else f"{node.target}#{calls[node.target] - 1}"
         bias = f"{node.target}.bias" if module.bias is not None else None
         weight = f"{node.target}.weight"
-        return LayerSpec(name, kind, node.target, weight, bias, _parameter_count(gm, weight, bias), -1)
-    if node.op == "call_function" and node.target in FUNCTION_KINDS:
+        return LayerSpec(name, kind.name, node.target, weight, bias, _parameter_count(gm, weight, bias), -1)
+    function_kind = _weighted_function_kind(node)
+    if function_kind is not None:
         weight_node = _function_weight(node)
         if weight_node is None:
             return None
         bias = _function_bias(node)
         params = _parameter_count(gm, weight_node.target, bias)
         return LayerSpec(
-            _functional_name(node), FUNCTION_KINDS[node.target], None, weight_node.target, bias, params, -1
+            _functional_name(node), function_kind.name, None, weight_node.target, bias, params, -1
         )
-    is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
-        node.op == "call_method" and node.target in MATMUL_METHODS
-    )
-    if is_matmul and all(operand in features for operand in node.args[:2]):
-        return LayerSpec(_functional_name(node), "matmul", None, None, None, 0, -1)
+    weightless = _weightless_kind(node)
+    if weightless is not None and all(operand in features for operand in node.args[:2]):
+        return LayerSpec(_functional_name(node), weightless.name, None, None, None, 0, -1)
     return None
 
 
@@ -100,7 +92,7 @@ def _makes_features(gm: fx.GraphModule, node: fx.Node, features: set[fx.Node]) -
         return True
     if node.op == "call_module":
         return any(True for _ in gm.get_submodule(node.target).parameters())
-    return node.op == "call_function" and node.target in FUNCTION_KINDS and _function_weight(node) is not None
+    return _weighted_function_kind(node) is not None and _function_weight(node) is not None
 
 
 def annotate(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphModule:
@@ -113,7 +105,7 @@ def annotate(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphM
     features: set[fx.Node] = set()
     index = 0
     for node in gm.graph.nodes:
-        node.meta.pop(META_KEY, None)
+        set_layer_spec(node, None)
         if _makes_features(gm, node, features):
             features.add(node)
         spec = _layer_of(gm, node, calls, features)
@@ -121,5 +113,5 @@ def annotate(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphM
             continue
         spec.index = index
         index += 1
-        node.meta[META_KEY] = spec
+        set_layer_spec(node, spec)
     return gm

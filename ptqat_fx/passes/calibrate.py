@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..batches import model_args
+from ..model_inputs import model_args
 from ..errors import CalibrationError
 from ..progress import progress_bar
-from ..quantizer import FakeQuantizer, quantizers
+from ..runtime.quantizer import FakeQuantizer, quantizers
 
 
 def _check_finite(args: tuple, index: int) -> None:

@@ -26,13 +26,13 @@ import torch
 from torch import fx
 from torch.fx.node import map_aggregate
 
-from ..batches import model_args
+from ..model_inputs import model_args
 from ..config import METRICS, MODES
 from ..errors import CalibrationError, ConfigError
-from ..layer_spec import META_KEY, LayerSpec, layer_specs
+from ..layer_spec import LayerSpec, layer_specs
+from ..meta import DiscrepancyKey, float_weight, layer_spec
 from ..progress import progress_bar
-from ..quantizer import FakeQuantizer, fake_quantize_forward
-from .freeze import FLOAT_WEIGHT_KEY
+from ..runtime.quantizer import FakeQuantizer, fake_quantize_forward
 
 
 @dataclass
@@ -103,8 +103,8 @@ class DiscrepancyInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "get_attr"):
             value = super().run_node(n)
-            if FLOAT_WEIGHT_KEY in n.meta:  # a frozen layer's dequantized weight
-                return _Both(self.module.get_parameter(n.meta[FLOAT_WEIGHT_KEY]), value, value)
+            if float_weight(n) is not None:  # a frozen layer's dequantized weight
+                return _Both(self.module.get_parameter(float_weight(n)), value, value)
             return _Both(value, value)
         float_args, float_kwargs = self._side(n, "float")
         # Layers fused with their input quantizers (freeze) name their float form.
@@ -124,7 +124,7 @@ class DiscrepancyInterpreter(fx.Interpreter):
             return _Both(float_in, _fake_quantize(quantizer, quantized_in), local)
         quantized_args, quantized_kwargs = self._side(n, "quantized")
         quantized_out = getattr(self, n.op)(n.target, quantized_args, quantized_kwargs)
-        spec: LayerSpec | None = n.meta.get(META_KEY)
+        spec: LayerSpec | None = layer_spec(n)
         if spec is not None:
             self._record(n, spec, float_out, quantized_out)
         return _Both(float_out, quantized_out)
@@ -147,7 +147,7 @@ class DiscrepancyInterpreter(fx.Interpreter):
         sums = self.sums[spec.name]
         for mode, output in outputs.items():
             for metric, values in _distances(output, float_out, self.metrics).items():
-                key = f"{mode}.{metric}"
+                key = str(DiscrepancyKey(mode, metric))
                 sums[key] = sums[key] + values.sum() if key in sums else values.sum()
         self.samples[spec.name] += float_out.shape[0] if float_out.dim() > 0 else 1
 

@@ -12,6 +12,8 @@ from collections import Counter
 import torch
 from torch import fx, nn
 
+from ..meta import set_folded_bn
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -55,7 +57,7 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         setattr(gm.get_submodule(parent), leaf, fused_conv(conv, bn))
         bn_node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(bn_node)
-        conv_node.meta["folded_bn"] = bn_node.target
+        set_folded_bn(conv_node, bn_node.target)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -30,37 +30,35 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..errors import ConfigError
-from ..frozen_conv import frozen_conv
-from ..layer_spec import META_KEY, LayerSpec, layer_nodes
-from ..quantized_layers import quantized_conv, quantized_linear, quantized_matmul
-from ..quantizer import FakeQuantizer, is_quantizer_node
-from .unfuse import FUSED_FROM_KEY
+from ..layer_kinds import kind, kind_of_function
+from ..layer_spec import LayerSpec, layer_nodes
+from ..meta import fused_from, is_frozen, layer_spec, mark_frozen, set_float_weight, set_fused_from
+from ..runtime.quantizer import FROZEN_WEIGHT, FakeQuantizer, is_quantizer_node, step_sizes
 
-FLOAT_WEIGHT_KEY = "ptqat_float_weight"
-_FROZEN_CONV_TARGETS = {F.conv1d, F.conv2d, F.conv3d}
 _KEEPS_OUTPUT_MODULES = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Softmax)
 _KEEPS_OUTPUT_FUNCTIONS = {F.relu, torch.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softmax, torch.softmax}
 _KEEPS_OUTPUT_METHODS = {"relu", "sigmoid", "tanh", "softmax"}
-_FUSED = {F.linear: quantized_linear, F.conv1d: quantized_conv, F.conv2d: quantized_conv, F.conv3d: quantized_conv}
 
 
 def trainable_names(gm: fx.GraphModule, train_other_params: bool = False) -> set[str]:
     """Parameter names that stay trainable given each LayerSpec's ``selected`` flag."""
     trainable: set[str] = set()
     in_layers: set[str] = set()
+    names_of = {id(parameter): name for name, parameter in gm.named_parameters()}
+    steps = step_sizes(gm)
     for node in layer_nodes(gm):
-        spec: LayerSpec = node.meta[META_KEY]
+        spec: LayerSpec = layer_spec(node)
+        quantizer_paths = [spec.weight_quantizer, *spec.input_quantizers]
         names = [spec.weight, spec.bias]
-        names += [f"{spec.weight_quantizer}.scale"] if spec.weight_quantizer else []
-        names += [f"{q}.scale" for q in spec.input_quantizers]
+        names += [names_of.get(id(gm.get_submodule(q).scale)) for q in quantizer_paths if q is not None]
         names = [n for n in names if n is not None]
         in_layers.update(names)
         if spec.selected:
             trainable.update(names)
     if train_other_params:
         trainable.update(
-            name for name, _ in gm.named_parameters()
-            if name not in in_layers and not name.endswith(".scale")
+            name for name, parameter in gm.named_parameters()
+            if name not in in_layers and id(parameter) not in steps
         )
     return trainable
 
@@ -70,20 +68,21 @@ def _freeze_weight(gm: fx.GraphModule, node: fx.Node, spec: LayerSpec) -> None:
     quantizer: FakeQuantizer = gm.get_submodule(spec.weight_quantizer)
     with torch.no_grad():
         constant = quantizer(gm.get_parameter(spec.weight)).detach().clone()
-    quantizer.register_buffer("frozen_weight", constant)
+    quantizer.register_buffer(FROZEN_WEIGHT, constant)
     with gm.graph.inserting_before(weight_node):
-        frozen = gm.graph.get_attr(f"{spec.weight_quantizer}.frozen_weight")
+        frozen = gm.graph.get_attr(f"{spec.weight_quantizer}.{FROZEN_WEIGHT}")
     # The analysis reads the float side of a frozen weight from here.
-    frozen.meta[FLOAT_WEIGHT_KEY] = spec.weight
+    set_float_weight(frozen, spec.weight)
     weight_node.replace_all_uses_with(frozen)
     if not weight_node.users:
         parameter_node = weight_node.args[0]
         gm.graph.erase_node(weight_node)
         if not parameter_node.users:
             gm.graph.erase_node(parameter_node)
-    node.meta["frozen"] = True
-    if node.target in _FROZEN_CONV_TARGETS and not _padding_is_text(node):
-        node.target = frozen_conv
+    mark_frozen(node)
+    layer_kind = kind(spec.kind)
+    if layer_kind.frozen is not None and node.target is layer_kind.function and not _padding_is_text(node):
+        node.target = layer_kind.frozen
 
 
 def _producer_keeps_output(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -118,24 +117,27 @@ def _fused_operand(gm: fx.GraphModule, quantizer_node: fx.Node) -> tuple:
 def _fuse_input_quantizers(gm: fx.GraphModule, node: fx.Node, spec: LayerSpec) -> None:
     """Rewrite a trainable layer into its quantized_* form, if its inputs allow."""
     plain = (node.op, node.target)
-    if spec.kind == "matmul":
+    layer_kind = kind(spec.kind)
+    if layer_kind.fused is None:
+        return
+    if not layer_kind.weighted:
         if len(node.args) != 2 or node.kwargs:
             return
         replaced = [_quantizer_operand(gm, arg) for arg in node.args]
         if None in replaced:
             return
         first, second = (_fused_operand(gm, operand) for operand in replaced)
-        node.op, node.target, node.args = "call_function", quantized_matmul, (*first, *second)
-    elif node.target in _FUSED and not node.kwargs and not _padding_is_text(node):
+        node.op, node.target, node.args = "call_function", layer_kind.fused, (*first, *second)
+    elif kind_of_function(node.target) is layer_kind and not node.kwargs and not _padding_is_text(node):
         operand = _quantizer_operand(gm, node.args[0])
         if operand is None:
             return
         replaced = [operand]
         node.args = (*_fused_operand(gm, operand), *node.args[1:])
-        node.target = _FUSED[node.target]
+        node.target = layer_kind.fused
     else:
         return
-    node.meta[FUSED_FROM_KEY] = plain
+    set_fused_from(node, plain)
     for quantizer_node in replaced:
         if not quantizer_node.users:
             gm.graph.erase_node(quantizer_node)
@@ -148,15 +150,15 @@ def freeze(gm: fx.GraphModule, train_other_params: bool = False) -> fx.GraphModu
     weights, biases, weight step sizes and input step sizes (plus other parameters if
     ``train_other_params``). Outputs are unchanged. Returns ``gm``, rewritten in place.
     """
-    specs = [node.meta[META_KEY] for node in layer_nodes(gm)]
+    specs = [layer_spec(node) for node in layer_nodes(gm)]
     if any(spec.selected is None for spec in specs):
         raise ConfigError("freeze needs a selection: run select_layers (or quantize with select=...) first")
     trainable = trainable_names(gm, train_other_params)
     for name, parameter in gm.named_parameters():
         parameter.requires_grad_(name in trainable)
     for node in layer_nodes(gm):
-        spec: LayerSpec = node.meta[META_KEY]
-        if node.meta.get("frozen") or FUSED_FROM_KEY in node.meta:
+        spec: LayerSpec = layer_spec(node)
+        if is_frozen(node) or fused_from(node) is not None:
             continue  # rewritten by an earlier freeze
         if spec.weight is not None and spec.weight not in trainable:
             _freeze_weight(gm, node, spec)

@@ -13,62 +13,30 @@ state_dict keys stay the user's. Quantizers start in ``observe`` mode.
 """
 from __future__ import annotations
 
-
-import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from ..config import QuantConfig
-from ..layer_spec import META_KEY, LayerSpec, layer_nodes
-from ..quantizer import FakeQuantizer
-
-# Producers whose output is never negative: an unsigned range doubles their resolution.
-_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
-_NON_NEGATIVE_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid}
-_NON_NEGATIVE_METHODS = {"relu", "sigmoid", "softmax"}
-
-_CONV_FUNCTIONS = {
-    "conv1d": F.conv1d,
-    "conv2d": F.conv2d,
-    "conv3d": F.conv3d,
-    "conv_transpose1d": F.conv_transpose1d,
-    "conv_transpose2d": F.conv_transpose2d,
-    "conv_transpose3d": F.conv_transpose3d,
-}
-
-
-def _non_negative(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _NON_NEGATIVE_MODULES)
-    if node.op == "call_function":
-        return node.target in _NON_NEGATIVE_FUNCTIONS
-    return node.op == "call_method" and node.target in _NON_NEGATIVE_METHODS
-
-
-def _layer_bits(spec: LayerSpec, count: int, config: QuantConfig) -> tuple[int, int]:
-    if spec.index == 0 and config.first_layer_bits is not None:
-        return config.first_layer_bits, config.first_layer_bits
-    if spec.index == count - 1 and config.last_layer_bits is not None:
-        return config.last_layer_bits, config.last_layer_bits
-    return config.w_bits, config.a_bits
+from ..layer_kinds import kind
+from ..layer_spec import LayerSpec, layer_nodes
+from ..meta import layer_spec
+from ..quantizer_factory import input_spec, layer_bits, non_negative, quantizable_order, weight_spec
 
 
 class _Inserter:
     def __init__(self, gm: fx.GraphModule, config: QuantConfig) -> None:
         self.gm = gm
         self.config = config
+        # First and last layer counted over leaf layers too, as quantize_leaves counts them.
+        self.order = quantizable_order(gm, config)
         self.input_quantizers: dict[tuple[fx.Node, int], fx.Node] = {}
         self.weight_quantizers: dict[str, str] = {}
 
     def input_quantizer(self, source: fx.Node, bits: int, before: fx.Node) -> fx.Node:
         key = (source, bits)
         if key not in self.input_quantizers:
-            signed = not (self.config.unsigned_activations and _non_negative(self.gm, source))
             target = f"input_quantizers.{source.name}" + ("" if bits == self.config.a_bits else f"_a{bits}")
-            quantizer = FakeQuantizer(
-                bits, signed, observer=self.config.a_observer, percentile=self.config.percentile
-            )
-            self.gm.add_submodule(target, quantizer)
+            self.gm.add_submodule(target, input_spec(self.config, bits, non_negative(self.gm, source)).build())
             with self.gm.graph.inserting_before(before):
                 self.input_quantizers[key] = self.gm.graph.call_module(target, (source,))
         return self.input_quantizers[key]
@@ -76,25 +44,16 @@ class _Inserter:
     def weight_quantizer(self, spec: LayerSpec, bits: int, before: fx.Node) -> fx.Node:
         if spec.weight not in self.weight_quantizers:
             weight = self.gm.get_parameter(spec.weight)
-            axis = 1 if spec.kind.startswith("conv_transpose") else 0
-            quantizer = FakeQuantizer(
-                bits,
-                signed=True,
-                channel_axis=axis,
-                channels=weight.shape[axis],
-                observer=self.config.w_observer,
-                percentile=self.config.percentile,
-            )
             target = f"{spec.weight}_fake_quant"
-            self.gm.add_submodule(target, quantizer)
+            self.gm.add_submodule(target, weight_spec(self.config, kind(spec.kind), weight, bits).build())
             self.weight_quantizers[spec.weight] = target
         target = self.weight_quantizers[spec.weight]
         with self.gm.graph.inserting_before(before):
             return self.gm.graph.call_module(target, (self.gm.graph.get_attr(spec.weight),))
 
-    def rewrite(self, node: fx.Node, count: int) -> None:
-        spec: LayerSpec = node.meta[META_KEY]
-        w_bits, spec.a_bits = _layer_bits(spec, count, self.config)
+    def rewrite(self, node: fx.Node) -> None:
+        spec: LayerSpec = layer_spec(node)
+        w_bits, spec.a_bits = layer_bits(self.config, spec.name, self.order)
         spec.w_bits = w_bits if spec.weight is not None else None
         if spec.weight is None:
             self._rewrite_matmul(node, spec)
@@ -126,28 +85,18 @@ class _Inserter:
         self, node: fx.Node, spec: LayerSpec, x: fx.Node, weight: fx.Node
     ) -> None:
         module = self.gm.get_submodule(node.target)
+        layer_kind = kind(spec.kind)
         graph = self.gm.graph
         with graph.inserting_before(node):
             bias = graph.get_attr(spec.bias) if spec.bias is not None else None
-            if spec.kind == "linear":
-                call = graph.call_function(F.linear, (x, weight, bias))
-            elif spec.kind.startswith("conv_transpose"):
-                call = graph.call_function(
-                    _CONV_FUNCTIONS[spec.kind],
-                    (x, weight, bias, module.stride, module.padding, module.output_padding,
-                     module.groups, module.dilation),
+            arguments = layer_kind.module_arguments(module)
+            if getattr(module, "padding_mode", "zeros") != "zeros":
+                # A padding mode other than zeros has no functional argument: pad first.
+                x = graph.call_function(
+                    F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode}
                 )
-            else:
-                padding = module.padding
-                if module.padding_mode != "zeros":
-                    x = graph.call_function(
-                        F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode}
-                    )
-                    padding = 0
-                call = graph.call_function(
-                    _CONV_FUNCTIONS[spec.kind],
-                    (x, weight, bias, module.stride, padding, module.dilation, module.groups),
-                )
+                arguments = (arguments[0], 0, *arguments[2:])
+            call = graph.call_function(layer_kind.function, (x, weight, bias, *arguments))
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
@@ -160,9 +109,8 @@ def insert_quantizers(gm: fx.GraphModule, config: QuantConfig | None = None) -> 
     """
     config = config or QuantConfig()
     inserter = _Inserter(gm, config)
-    nodes = layer_nodes(gm)
-    for node in nodes:
-        inserter.rewrite(node, len(nodes))
+    for node in layer_nodes(gm):
+        inserter.rewrite(node)
     gm.graph.lint()
     gm.recompile()
     return gm

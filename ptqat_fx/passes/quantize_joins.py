@@ -18,9 +18,8 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..config import QuantConfig
-from ..quantizer import FakeQuantizer
-
-JOIN_KEY = "ptqat_join_quantizer"
+from ..meta import set_join_quantizer, tensor_meta
+from ..quantizer_factory import input_spec
 _ADDS = {operator.add, operator.iadd, torch.add}
 _CATS = {torch.cat, torch.concat}
 
@@ -36,7 +35,7 @@ def _join_inputs(node: fx.Node) -> list[fx.Node]:
 def _is_activation(value: object) -> bool:
     if not isinstance(value, fx.Node) or value.op == "get_attr":
         return False
-    meta = value.meta.get("tensor_meta")
+    meta = tensor_meta(value)
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
@@ -52,12 +51,13 @@ def quantize_joins(gm: fx.GraphModule, config: QuantConfig, example_inputs: tupl
         if len(inputs) < 2 or not all(_is_activation(value) for value in inputs):
             continue
         target = f"join_quantizers.{node.name}"
-        gm.add_submodule(target, FakeQuantizer(config.a_bits, True, observer=config.a_observer, percentile=config.percentile))
+        # Signed whatever the inputs: a join adds or stacks branches of either sign.
+        gm.add_submodule(target, input_spec(config, config.a_bits).build())
         with gm.graph.inserting_before(node):
             quantized = {value: gm.graph.call_module(target, (value,)) for value in dict.fromkeys(inputs)}
         node.args = fx.node.map_arg(node.args, lambda value: quantized.get(value, value))
         node.kwargs = fx.node.map_arg(node.kwargs, lambda value: quantized.get(value, value))
-        node.meta[JOIN_KEY] = target
+        set_join_quantizer(node, target)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -17,33 +17,36 @@ import torch
 from torch import fx, nn
 
 from ..config import QuantConfig
-from ..layer_spec import META_KEY, LayerSpec
-from ..leaf_layers import QUANTIZED_CLASSES, is_quantized_layer, quantize_layer_module
-from .annotate import MODULE_KINDS
-from ..opaque_call import OpaqueCall
-from ..quantizer import FakeQuantizer
-from ..tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
-
-LEAF_KEY = "ptqat_leaf"
+from ..layer_kinds import LayerKind, kind_of_module, kind_of_type, quantizable_as_module, torch_function_forms
+from ..layer_spec import LayerSpec
+from ..meta import auto_leaves, layer_spec, module_types, set_leaf_record
+from ..quantizer_factory import (
+    QuantizerSpec, input_spec, layer_bits, leaf_layer_modules, non_negative, quantizable_order, weight_spec,
+)
+from ..runtime.opaque_call import OpaqueCall
+from ..runtime.quantized_modules import is_quantized_layer, quantize_layer_module
+from ..runtime.quantizer import FakeQuantizer
+from ..tracing import AutoLeaf
 
 
 def _leaf_layers(gm: fx.GraphModule) -> dict[str, list[tuple[str, nn.Module]]]:
-    """Leaf path -> its Conv/Linear modules (itself included) not yet quantized, by path."""
+    """Leaf path -> its layer modules (itself included) not yet quantized, by path."""
     layers: dict[str, list[tuple[str, nn.Module]]] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target in layers:
-            continue
-        leaf = gm.get_submodule(node.target)
-        if isinstance(leaf, FakeQuantizer):
-            continue
-        found = [
-            (f"{node.target}.{name}" if name else node.target, module)
-            for name, module in leaf.named_modules()
-            if type(module) in QUANTIZED_CLASSES and not is_quantized_layer(module)
-        ]
-        if found:
-            layers[node.target] = found
+        if node.target not in layers:
+            found = leaf_layer_modules(gm, node)
+            if found:
+                layers[node.target] = found
     return layers
+
+
+def _leaf_inputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Leaf path -> the graph value it is called on, for leaves that are a layer themselves
+    (their input's producer is in the graph, so the unsigned rule can see it)."""
+    return {
+        node.target: node.args[0] for node in gm.graph.nodes
+        if node.op == "call_module" and node.args and kind_of_module(gm.get_submodule(node.target)) is not None
+    }
 
 
 def _called_on(gm: fx.GraphModule, modules: list[nn.Module], example_inputs: tuple) -> set[int]:
@@ -61,56 +64,64 @@ def _called_on(gm: fx.GraphModule, modules: list[nn.Module], example_inputs: tup
     return called
 
 
-def _weight_quantizer(kind: str, weight: torch.Tensor, config: QuantConfig) -> FakeQuantizer:
-    axis = 1 if kind.startswith("conv_transpose") else 0
-    return FakeQuantizer(config.w_bits, True, axis, weight.shape[axis], config.w_observer, config.percentile)
+class _Layers:
+    """Makes the quantizers and LayerSpecs of the layers this pass quantizes, through the
+    quantizer factory, so leaf layers follow the first/last-layer and unsigned rules too."""
+
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig) -> None:
+        self.config = config
+        self.order = quantizable_order(gm, config)
+        self.leaf_inputs = _leaf_inputs(gm)
+        self.gm = gm
+
+    def quantizer_specs(self, path: str, kind: LayerKind, weight: torch.Tensor) -> tuple[QuantizerSpec, QuantizerSpec]:
+        w_bits, a_bits = layer_bits(self.config, path, self.order)
+        unsigned = non_negative(self.gm, self.leaf_inputs.get(path))
+        return weight_spec(self.config, kind, weight, w_bits), input_spec(self.config, a_bits, unsigned)
+
+    def spec(self, path: str, kind: LayerKind, weight: torch.Tensor, bias: torch.Tensor | None, input_quantizer: str) -> LayerSpec:
+        params = weight.numel() + (bias.numel() if bias is not None else 0)
+        w_bits, a_bits = layer_bits(self.config, path, self.order)
+        return LayerSpec(
+            path, kind.name, path, f"{path}.weight", f"{path}.bias" if bias is not None else None, params, -1,
+            w_bits, a_bits, f"{path}.weight_fake_quant", (input_quantizer,),
+        )
+
+    def quantize(self, path: str, module: nn.Module) -> None:
+        kind = kind_of_module(module)
+        w_spec, a_spec = self.quantizer_specs(path, kind, module.weight)
+        weight_quantizer = getattr(module, "weight_fake_quant", None) or w_spec.build()
+        spec = self.spec(path, kind, module.weight, module.bias, f"{path}.input_quantizer")
+        quantize_layer_module(module, kind.quantized_module, spec, weight_quantizer, a_spec.build())
 
 
-def _input_quantizer(config: QuantConfig) -> FakeQuantizer:
-    return FakeQuantizer(config.a_bits, True, observer=config.a_observer, percentile=config.percentile)
-
-
-def _spec(path: str, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, input_quantizer: str, config: QuantConfig) -> LayerSpec:
-    params = weight.numel() + (bias.numel() if bias is not None else 0)
-    return LayerSpec(
-        path, kind, path, f"{path}.weight", f"{path}.bias" if bias is not None else None, params, -1,
-        config.w_bits, config.a_bits, f"{path}.weight_fake_quant", (input_quantizer,),
-    )
-
-
-def _quantize(path: str, module: nn.Module, config: QuantConfig) -> None:
-    kind = MODULE_KINDS[type(module)]
-    weight_quantizer = getattr(module, "weight_fake_quant", None) or _weight_quantizer(kind, module.weight, config)
-    spec = _spec(path, kind, module.weight, module.bias, f"{path}.input_quantizer", config)
-    quantize_layer_module(module, spec, weight_quantizer, _input_quantizer(config))
-
-
-def _layer_weight(gm: fx.GraphModule, value: object) -> tuple[str, str] | None:
-    """(layer path, kind) of a ``get_attr`` of a Conv/Linear weight, else None."""
+def _layer_weight(gm: fx.GraphModule, value: object) -> tuple[str, LayerKind] | None:
+    """(layer path, kind) of a ``get_attr`` of a layer module's weight, else None."""
     if not (isinstance(value, fx.Node) and value.op == "get_attr" and value.target.endswith(".weight")):
         return None
     path = value.target[: -len(".weight")]
-    kind = gm.meta.get(MODULE_TYPES_KEY, {}).get(path)
-    base = next((base for base in kind.__mro__ if base in MODULE_KINDS), None) if kind else None
-    return (path, MODULE_KINDS[base]) if base is not None else None
+    cls = module_types(gm).get(path)
+    kind = kind_of_type(cls) if cls else None
+    return (path, kind) if kind is not None and kind.weighted else None
 
 
-def _quantize_wrapped_call(gm: fx.GraphModule, node: fx.Node, config: QuantConfig) -> None:
+def _quantize_wrapped_call(gm: fx.GraphModule, node: fx.Node, config: QuantConfig, layers: _Layers) -> None:
     region = f"opaque_calls.{node.name}"
     quantizers: dict[str, FakeQuantizer] = {}
     specs: list[LayerSpec] = []
 
     def quantized_weight(key: str, value: object) -> object:
         layer = _layer_weight(gm, value)
-        if layer is None or config.skips(*layer):
+        if layer is None or config.skips(layer[0], layer[1].name):
             return value
         path, kind = layer
         weight, owner = gm.get_parameter(value.target), gm.get_submodule(path)
         target = f"{path}.weight_fake_quant"
+        w_spec, a_spec = layers.quantizer_specs(path, kind, weight)
         if not isinstance(getattr(owner, "weight_fake_quant", None), FakeQuantizer):
-            gm.add_submodule(target, _weight_quantizer(kind, weight, config))
-        quantizers[key] = _input_quantizer(config)
-        specs.append(_spec(path, kind, weight, getattr(owner, "bias", None), f"{region}.input_quantizers.{key}", config))
+            gm.add_submodule(target, w_spec.build())
+        quantizers[key] = a_spec.build()
+        specs.append(layers.spec(path, kind, weight, getattr(owner, "bias", None), f"{region}.input_quantizers.{key}"))
         with gm.graph.inserting_before(node):
             return gm.graph.call_module(target, (value,))
 
@@ -118,7 +129,7 @@ def _quantize_wrapped_call(gm: fx.GraphModule, node: fx.Node, config: QuantConfi
     kwargs = {name: quantized_weight(f"kw:{name}", value) for name, value in node.kwargs.items()}
     if not quantizers:
         return
-    gm.add_submodule(region, OpaqueCall(node.target, quantizers, specs))
+    gm.add_submodule(region, OpaqueCall(node.target, quantizers, specs, torch_function_forms()))
     with gm.graph.inserting_before(node):
         call = gm.graph.call_module(region, args, kwargs)
     call.meta.update(node.meta)
@@ -139,6 +150,7 @@ def quantize_leaves(
     ``AutoLeaf`` of ``gm.meta["ptqat_auto_leaves"]`` the same lists. Returns ``gm``.
     """
     config = config or QuantConfig()
+    factory = _Layers(gm, config)
     layers = _leaf_layers(gm)
     every = [module for found in layers.values() for _, module in found]
     probe = example_inputs is not None and every
@@ -149,21 +161,23 @@ def quantize_leaves(
         for path, module in found:
             if is_quantized_layer(module):
                 record["quantized"].append(path)
-            elif config.skips(path, MODULE_KINDS[type(module)]):
+            elif config.skips(path, kind_of_module(module).name):
                 record["float"].append(f"{path} (QuantConfig.skip)")
+            elif not quantizable_as_module(module):
+                record["float"].append(f"{path} ({type(module).__name__} subclasses {kind_of_module(module).module_type.__name__})")
             elif id(module) not in called:
                 record["float"].append(f"{path} (not called on the example inputs)")
             else:
-                _quantize(path, module, config)
+                factory.quantize(path, module)
                 record["quantized"].append(path)
         records[leaf] = record
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and META_KEY not in node.meta:
-            _quantize_wrapped_call(gm, node, config)
-    auto: dict[str, AutoLeaf] = {leaf.path: leaf for leaf in gm.meta.get(AUTO_LEAVES_KEY, [])}
+        if node.op == "call_function" and layer_spec(node) is None:
+            _quantize_wrapped_call(gm, node, config, factory)
+    auto: dict[str, AutoLeaf] = {leaf.path: leaf for leaf in auto_leaves(gm)}
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in records:
-            node.meta[LEAF_KEY] = records[node.target]
+            set_leaf_record(node, records[node.target])
     for path, record in records.items():
         if path in auto:
             auto[path].quantized, auto[path].float_layers = record["quantized"], record["float"]

@@ -12,35 +12,18 @@ same selection.
 from __future__ import annotations
 
 import math
-import random
 
 from torch import fx
 
 from ..config import Select
-from ..errors import ConfigError
 from ..layer_spec import LayerSpec, layer_specs
+from ..meta import DiscrepancyKey, set_selection
+from ..strategies import STRATEGIES, Strategy, require_discrepancy
 
 
-def _ranked(specs: list[LayerSpec], select: Select, key: str) -> list[LayerSpec]:
-    if select.strategy == "random":
-        order = list(specs)
-        random.Random(select.seed).shuffle(order)
-        return order
-    missing = [s.name for s in specs if key not in s.discrepancy]
-    if missing:
-        raise ConfigError(
-            f"Select(strategy={select.strategy!r}) ranks by discrepancy {key!r}, which layers "
-            f"{missing[:3]} lack; run the discrepancy pass with mode {select.mode!r} first"
-        )
-    descending = select.strategy == "large"
-    return sorted(specs, key=lambda s: (-s.discrepancy[key] if descending else s.discrepancy[key], s.index))
-
-
-def _cut(ranked: list[LayerSpec], select: Select, key: str) -> list[LayerSpec]:
-    if select.theta is not None and select.strategy in ("small", "large"):
-        if select.strategy == "small":
-            return [s for s in ranked if s.discrepancy[key] < select.theta]
-        return [s for s in ranked if s.discrepancy[key] > select.theta]
+def _cut(ranked: list[LayerSpec], select: Select, strategy: Strategy, key: str) -> list[LayerSpec]:
+    if select.theta is not None and strategy.passes_theta(0.0, select.theta) is not None:
+        return [s for s in ranked if strategy.passes_theta(s.discrepancy[key], select.theta)]
     if select.param_budget is not None:
         budget = select.param_budget * sum(s.params for s in ranked)
         chosen, used = [], 0
@@ -55,24 +38,27 @@ def _cut(ranked: list[LayerSpec], select: Select, key: str) -> list[LayerSpec]:
 
 
 def select_layers(gm: fx.GraphModule, select: Select | None = None) -> fx.GraphModule:
-    """Set ``LayerSpec.selected`` on every annotated layer of ``gm``; returns ``gm``.
+    """Set ``LayerSpec.selected`` on every annotated layer of ``gm`` by the strategy
+    ``select.strategy`` names (``strategies.STRATEGIES``); returns ``gm``.
 
-    The rule is recorded in ``gm.meta["ptqat_select"]``.
+    The rule is recorded in ``gm.meta`` (``meta.selection``).
 
     Raises:
-        ConfigError: ``small``/``large`` without the discrepancy they rank by.
+        ConfigError: a strategy that ranks by discrepancy, without it.
     """
     select = select or Select()
     specs = layer_specs(gm)
-    key = f"{select.mode}.{select.metric}"
-    if select.strategy == "all":
-        chosen = specs
-    elif select.strategy == "none" or not specs:
+    key = str(DiscrepancyKey(select.mode, select.metric))
+    strategy = STRATEGIES[select.strategy]
+    chosen = strategy.choose(specs)
+    if chosen is None and not specs:
         chosen = []
-    else:
-        chosen = _cut(_ranked(specs, select, key), select, key)
+    elif chosen is None:
+        if strategy.ranks_by_discrepancy:
+            require_discrepancy(specs, select, key)
+        chosen = _cut(strategy.order(specs, select, key), select, strategy, key)
     chosen_names = {s.name for s in chosen}
     for spec in specs:
         spec.selected = spec.name in chosen_names
-    gm.meta["ptqat_select"] = select
+    set_selection(gm, select)
     return gm

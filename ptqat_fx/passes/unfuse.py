@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..quantized_layers import quantized_matmul
-
-FUSED_FROM_KEY = "ptqat_fused_from"
+from ..layer_kinds import kind_of_graph_function
+from ..meta import pop_fused_from
 
 
 def _quantizer_call(gm: fx.GraphModule, before: fx.Node, source: fx.Node, scale: fx.Node) -> fx.Node:
@@ -29,10 +28,10 @@ def unfuse(gm: fx.GraphModule) -> fx.GraphModule:
     ``gm``. Each fused node remembers its plain ``(op, target)`` in
     ``node.meta["ptqat_fused_from"]``."""
     for node in list(gm.graph.nodes):
-        plain = node.meta.pop(FUSED_FROM_KEY, None)
+        plain = pop_fused_from(node)
         if plain is None:
             continue
-        if node.target is quantized_matmul:
+        if not kind_of_graph_function(node.target).weighted:  # both operands were quantized
             a, a_scale, _, _, b, b_scale, _, _ = node.args
             node.args = (_quantizer_call(gm, node, a, a_scale), _quantizer_call(gm, node, b, b_scale))
             scales = (a_scale, b_scale)

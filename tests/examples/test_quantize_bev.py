@@ -14,7 +14,7 @@ from torch import nn
 import ptqat_fx
 from examples.bev import scenes
 from examples.bev.train import MODELS, build
-from ptqat_fx.attention import unfuse_attention
+from ptqat_fx.runtime.attention import unfuse_attention
 from ptqat_fx.coverage import coverage
 from ptqat_fx.tracing import trace
 

@@ -13,7 +13,8 @@ from torch import nn
 import ptqat_fx
 from ptqat_fx.export.verify import agreement, onnxruntime_session, run_onnx
 from ptqat_fx.layer_spec import layer_nodes
-from ptqat_fx.quantizer import is_quantizer_node
+from ptqat_fx.meta import layer_spec
+from ptqat_fx.runtime.quantizer import is_quantizer_node
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
 
 
@@ -30,7 +31,7 @@ def _counts(qmodel):
 
 def _output_step(qmodel) -> float:
     """How far one rounding flip at the last layer's input moves an output."""
-    spec = layer_nodes(qmodel)[-1].meta["ptqat_layer"]
+    spec = layer_spec(layer_nodes(qmodel)[-1])
     return float(qmodel.get_submodule(spec.input_quantizers[0]).scale) * float(qmodel.get_parameter(spec.weight).abs().max())
 
 
@@ -58,7 +59,7 @@ def test_export_structure_and_agreement(name, w_bits, tmp_path):
     for node in quantize:
         assert initializers[node.input[2]].data_type == TensorProto.INT8
         assert len(initializers[node.input[1]].dims) == 0
-    for spec in (n.meta["ptqat_layer"] for n in layer_nodes(qmodel)):
+    for spec in (layer_spec(n) for n in layer_nodes(qmodel)):
         assert spec.weight is None or spec.weight not in initializers  # float weights are gone
 
     converted = ptqat_fx.convert(qmodel)

@@ -8,9 +8,11 @@ import torch
 import ptqat_fx
 from ptqat_fx.layer_spec import layer_nodes
 from ptqat_fx.passes.annotate import annotate
-from ptqat_fx.passes.convert import CONVERT_KEY, pack_int4, quantize_dequantize, state_dict_bytes, unpack_int4
+from ptqat_fx.lowering import pack_int4, quantize_dequantize, unpack_int4
+from ptqat_fx.meta import converted as converted_record, layer_spec
+from ptqat_fx.passes.convert import state_dict_bytes
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
-from ptqat_fx.quantizer import quantizers
+from ptqat_fx.runtime.quantizer import quantizers
 from ptqat_fx.tracing import trace
 from examples import mlp
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
@@ -37,7 +39,7 @@ def test_weights_are_integers_matching_torch_fake_quantize(name, w_bits):
     state = converted.state_dict()
     checked = 0
     for node in layer_nodes(qmodel):
-        spec = node.meta["ptqat_layer"]
+        spec = layer_spec(node)
         if spec.weight is None:
             continue
         quantizer = qmodel.get_submodule(spec.weight_quantizer)
@@ -51,8 +53,8 @@ def test_weights_are_integers_matching_torch_fake_quantize(name, w_bits):
         )
         assert torch.equal(values.float() * scale, reference)
         checked += 1
-    assert checked == sum(1 for n in layer_nodes(qmodel) if n.meta["ptqat_layer"].weight)
-    lowered = [n.meta[CONVERT_KEY] for n in converted.graph.nodes if CONVERT_KEY in n.meta]
+    assert checked == sum(1 for n in layer_nodes(qmodel) if layer_spec(n).weight)
+    lowered = [converted_record(n) for n in converted.graph.nodes if converted_record(n) is not None]
     assert sum("weight" in m for m in lowered) == checked
 
 
@@ -62,7 +64,7 @@ def test_activation_quantize_dequantize_matches_torch_per_tensor_op():
     x = torch.randn(1000) * float(scale) * 300  # a third of it clips
     reference = torch.fake_quantize_per_tensor_affine(x, float(scale), 0, -128, 127)
     assert torch.equal(quantize_dequantize(x, scale, -128, 127, torch.int8), reference)
-    lowered = [n.meta[CONVERT_KEY] for n in converted.graph.nodes if "activation" in n.meta.get(CONVERT_KEY, {})]
+    lowered = [converted_record(n) for n in converted.graph.nodes if "activation" in (converted_record(n) or {})]
     assert [m["activation"] for m in lowered] == ["input_quantizers.flatten", "input_quantizers.relu", "input_quantizers.relu_1"]
 
 

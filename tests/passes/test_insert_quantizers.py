@@ -9,7 +9,7 @@ from ptqat_fx.config import QuantConfig
 from ptqat_fx.layer_spec import layer_specs
 from ptqat_fx.passes.annotate import annotate
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
-from ptqat_fx.quantizer import FakeQuantizer, quantizers
+from ptqat_fx.runtime.quantizer import FakeQuantizer, quantizers
 from ptqat_fx.tracing import trace
 from examples import mlp, resnet_small, vit_small
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import ptqat_fx
-from ptqat_fx.passes.quantize_joins import JOIN_KEY
+from ptqat_fx.meta import join_quantizer
 
 G = torch.Generator().manual_seed(0)
 
@@ -26,7 +26,7 @@ class Joins(nn.Module):
 
 
 def _join_nodes(gm):
-    return [n for n in gm.graph.nodes if JOIN_KEY in n.meta]
+    return [n for n in gm.graph.nodes if join_quantizer(n) is not None]
 
 
 def test_add_and_cat_inputs_share_one_quantizer_covering_all_inputs():
@@ -37,7 +37,7 @@ def test_add_and_cat_inputs_share_one_quantizer_covering_all_inputs():
     joins = _join_nodes(gm)
     assert [n.target for n in joins] == [torch.cat, operator.add]
     cat = joins[0]
-    target = cat.meta[JOIN_KEY]
+    target = join_quantizer(cat)
     assert [value.target for value in cat.args[0]] == [target, target]
     with torch.no_grad():
         largest = max(model.a(x).abs().max(), (model.b(x) * 10).abs().max())

@@ -8,9 +8,10 @@ from torch import fx, nn
 
 import ptqat_fx
 from ptqat_fx.coverage import coverage
-from ptqat_fx.leaf_layers import QuantizedConvTranspose2d, QuantizedLinear
-from ptqat_fx.opaque_call import OpaqueCall
-from ptqat_fx.passes.quantize_leaves import LEAF_KEY, leaf_layer_specs
+from ptqat_fx.runtime.quantized_modules import QuantizedConvTranspose1d, QuantizedConvTranspose2d, QuantizedLinear
+from ptqat_fx.runtime.opaque_call import OpaqueCall
+from ptqat_fx.meta import auto_leaves, leaf_record
+from ptqat_fx.passes.quantize_leaves import leaf_layer_specs
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(8, 4, generator=G)
@@ -61,11 +62,11 @@ def test_leaf_linear_matches_torch_fake_quant_and_keeps_parameter_paths():
 
 def test_layers_not_run_on_the_example_inputs_are_listed_in_float():
     gm = ptqat_fx.quantize(Net(), (X,), [X], progress=False)
-    (leaf,) = gm.meta["ptqat_auto_leaves"]
+    (leaf,) = auto_leaves(gm)
     assert leaf.quantized == ["gate.fc"]
     assert leaf.float_layers == ["gate.unused_branch (not called on the example inputs)"]
     node = next(n for n in gm.graph.nodes if n.target == "gate")
-    assert node.meta[LEAF_KEY]["quantized"] == ["gate.fc"]
+    assert leaf_record(node)["quantized"] == ["gate.fc"]
     assert coverage(gm).float_layers == ["gate.unused_branch"]
     assert [spec.name for spec in leaf_layer_specs(gm)] == ["gate.fc"]
 
@@ -120,3 +121,35 @@ def test_weights_passed_to_a_wrapped_function_are_quantized_with_their_inputs():
     torch.testing.assert_close(gm(X), expected)
     assert [spec.name for spec in leaf_layer_specs(gm)] == ["fc"]
     assert coverage(gm).share == 1.0
+
+
+class LeafFirstAndLast(nn.Module):
+    """gate (an auto-leaf holding the first layer) -> relu -> mid -> relu -> tail (the last
+    layer: a transposed conv called with ``output_size``, which the graph rewrite leaves to
+    run as a module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = Gated()
+        self.mid = nn.Linear(4, 4)
+        self.tail = nn.ConvTranspose1d(4, 2, 1)
+
+    def forward(self, x):
+        return self.tail(torch.relu(self.mid(torch.relu(self.gate(x))).unsqueeze(-1)), output_size=[1])
+
+
+def test_layers_inside_leaves_follow_first_last_bits_and_unsigned_rules():
+    config = ptqat_fx.QuantConfig(w_bits=4, a_bits=8, first_layer_bits=8, last_layer_bits=6, unsigned_activations=True)
+    gm = ptqat_fx.quantize(LeafFirstAndLast(), (X,), [X], config, progress=False)
+    first, tail = gm.get_submodule("gate.fc"), gm.get_submodule("tail")
+    assert isinstance(first, QuantizedLinear) and isinstance(tail, QuantizedConvTranspose1d)
+    # Written out: gate.fc is the first quantizable layer, tail the last, mid in between.
+    assert (first.weight_fake_quant.bits, first.input_quantizer.bits) == (8, 8)
+    assert (tail.weight_fake_quant.bits, tail.input_quantizer.bits) == (6, 6)
+    assert (first.layer_spec.w_bits, tail.layer_spec.a_bits) == (8, 6)
+    mid = next(s for s in ptqat_fx.report(gm).rows if s.name == "mid")
+    assert (mid.w_bits, mid.a_bits) == (4, 8)
+    # tail's input comes from a ReLU in the graph: unsigned [0, 63] at 6 bits.
+    assert (tail.input_quantizer.signed, tail.input_quantizer.qmax) == (False, 63)
+    # gate.fc's input is the model input, which may be negative.
+    assert first.input_quantizer.signed

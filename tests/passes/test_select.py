@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ptqat_fx import ConfigError, Select
-from ptqat_fx.layer_spec import META_KEY, LayerSpec, layer_specs
+from ptqat_fx.layer_spec import LayerSpec, layer_specs
+from ptqat_fx.meta import set_layer_spec
 from ptqat_fx.passes.select import select_layers
 
 # name: (discrepancy, params)
@@ -21,7 +22,7 @@ def _graph(table=TABLE) -> torch.fx.GraphModule:
         spec = LayerSpec(name, "linear", name, None, None, params, index)
         spec.discrepancy["accumulated.relative"] = value
         spec.discrepancy["local.euclidean"] = params
-        x.meta[META_KEY] = spec
+        set_layer_spec(x, spec)
     gm.graph.output(x)
     return gm
 
@@ -75,3 +76,10 @@ def test_small_without_discrepancy_is_a_clear_error():
         spec.discrepancy.clear()
     with pytest.raises(ConfigError, match="discrepancy"):
         select_layers(gm, Select("small"))
+
+
+def test_fewest_takes_the_smallest_layers_first_and_needs_no_discrepancy():
+    # TABLE's params: c 10, e 50, a 100, d 500, b 1660 in all; 10% of 1660 = 166 fits c, e, a.
+    assert _selected(Select("fewest", param_budget=0.1)) == ["a", "c", "e"]
+    bare = {name: (float("nan"), params) for name, (_, params) in TABLE.items()}
+    assert _selected(Select("fewest", fraction=0.4), bare) == ["c", "e"]

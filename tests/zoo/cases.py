@@ -14,10 +14,10 @@ from torch import nn
 import ptqat_fx
 from ptqat_fx import QuantConfig
 from ptqat_fx.coverage import coverage
-from ptqat_fx.quantizer import quantizers
+from ptqat_fx.runtime.quantizer import quantizers
 
-from . import models
-from .torchvision_zoo import builders, load_torchvision, randomize_zero_weights
+from tests.zoo import models
+from tests.zoo.torchvision_zoo import builders, load_torchvision, randomize_zero_weights
 
 
 @dataclass

@@ -18,10 +18,28 @@ in compiled code (pytorch/pytorch#180642: every weight's gradient came out zero)
 """
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 from torch import fx, nn
 
 from .observer import RangeObserver
+
+# The buffer of a frozen layer's constant dequantized weight on its weight quantizer.
+FROZEN_WEIGHT = "frozen_weight"
+
+
+class QuantizerMode(str, Enum):
+    """``observe``: pass through and record ranges; ``quantize``: fake-quantize. A ``str`` so
+    that files and reprs keep the plain names."""
+
+    OBSERVE = "observe"
+    QUANTIZE = "quantize"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -176,13 +194,22 @@ class FakeQuantizer(nn.Module):
         self.channel_axis = channel_axis
         self.qmin, self.qmax = quant_range(bits, signed)
         self.scale = nn.Parameter(torch.ones(channels if channel_axis is not None else 1))
-        self.mode = "observe"
+        self.mode = QuantizerMode.OBSERVE
         self.observer = RangeObserver(observer, self.qmax, channel_axis, percentile)
         # Set by the freeze rewrite where the input is kept for backward by its producer.
         self.save_input = False
 
+    @property
+    def mode(self) -> QuantizerMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        # Validates names read back from a file (``serialization.load``).
+        self._mode = QuantizerMode(value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "observe":
+        if self._mode is QuantizerMode.OBSERVE:
             self.observer.update(x)
             return x
         return lsq_fake_quantize(x, self.scale, self.qmin, self.qmax, self.channel_axis, self.save_input)
@@ -192,17 +219,17 @@ class FakeQuantizer(nn.Module):
         self.observer = RangeObserver(
             self.observer.method, self.qmax, self.channel_axis, self.observer.percentile
         )
-        self.mode = "observe"
+        self.mode = QuantizerMode.OBSERVE
 
     def finish_calibration(self) -> None:
         """Set the step size from what the observer saw and start fake-quantizing."""
         with torch.no_grad():
             self.scale.copy_(self.observer.scale().to(self.scale.device))
-        self.mode = "quantize"
+        self.mode = QuantizerMode.QUANTIZE
 
     @property
     def calibrated(self) -> bool:
-        return self.mode == "quantize"
+        return self._mode is QuantizerMode.QUANTIZE
 
     def extra_repr(self) -> str:
         granularity = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
@@ -213,6 +240,12 @@ class FakeQuantizer(nn.Module):
 def quantizers(gm: nn.Module) -> dict[str, FakeQuantizer]:
     """Every FakeQuantizer of ``gm`` by module path."""
     return {name: m for name, m in gm.named_modules() if isinstance(m, FakeQuantizer)}
+
+
+def step_sizes(module: nn.Module) -> dict[int, nn.Parameter]:
+    """Every FakeQuantizer step size of ``module``, by ``id``: a parameter is a step size by
+    identity, whatever its name."""
+    return {id(q.scale): q.scale for q in quantizers(module).values()}
 
 
 def is_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..report import LayerRow
+from ...meta import bits_label
+from ..layer_rows import LayerRow
 from .text import layer_state, scale_text
 
 _STOPS = ((1.0, 0.97, 0.74), (0.99, 0.55, 0.24), (0.84, 0.19, 0.12))  # YlOrRd
@@ -74,7 +75,7 @@ def layer_drawing(rows: Sequence[LayerRow], edges: Sequence[Sequence[str]], titl
     span = _span([row.discrepancy for row in rows])
     drawing = Drawing(title)
     for row in rows:
-        bits = f"W{row.w_bits}A{row.a_bits}" if row.w_bits else f"A{row.a_bits}"
+        bits = bits_label(row.w_bits, row.a_bits)
         value = "" if row.discrepancy is None else f"\ndis {row.discrepancy:.3g}"
         node = _layer_box(row.name, f"#{row.index} {row.name}\n{row.kind} {bits}{value}", row.discrepancy, row.selected, span)
         node.tooltip = f"{row.name}: {row.params:,} params, trainable {row.trainable_params:,}"

@@ -7,25 +7,11 @@ from typing import Any
 
 from torch import fx
 
-from .config import QuantConfig, Select
-from .layer_graph import layer_graph
-from .layer_spec import LayerSpec, layer_specs
-from .tracing import AUTO_LEAVES_KEY
-
-
-@dataclass
-class LayerRow:
-    """One quantizable layer in the report."""
-
-    index: int
-    name: str
-    kind: str
-    params: int
-    w_bits: int | None
-    a_bits: int | None
-    discrepancy: float | None
-    selected: bool | None
-    trainable_params: int
+from ..config import QuantConfig, Select
+from ..layer_graph import layer_graph
+from ..layer_spec import layer_specs
+from ..meta import DiscrepancyKey, auto_leaves, bits_label, config, selection
+from .layer_rows import LayerRow, trainable_layer_params
 
 
 @dataclass
@@ -85,7 +71,7 @@ class Report:
         header = f"{'#':>3}  {'layer':<{width}}  {'kind':<16} {'params':>10} {'bits':>5}  {self.key:>22}  {'train':>5}"
         lines = [header, "-" * len(header)]
         for row in self.rows:
-            bits = f"W{row.w_bits}A{row.a_bits}" if row.w_bits else f"A{row.a_bits}"
+            bits = bits_label(row.w_bits, row.a_bits)
             value = "-" if row.discrepancy is None else f"{row.discrepancy:.4g}"
             train = {True: "yes", False: "no", None: "-"}[row.selected]
             lines.append(
@@ -112,23 +98,12 @@ def _notes(rows: list[LayerRow], select: Select | None, gm: fx.GraphModule) -> l
             notes.append(f"theta={select.theta} selected no layer: the model stays pure PTQ")
         elif chosen == len(rows):
             notes.append(f"theta={select.theta} selected every layer: this is full QAT")
-    for leaf in gm.meta.get(AUTO_LEAVES_KEY, []):
+    for leaf in auto_leaves(gm):
         notes.append(
             f"auto-leaf {leaf.path!r} runs eagerly ({leaf.error}); its layers are quantized at "
             "module level, not analysed, and stay frozen"
         )
     return notes
-
-
-def trainable_layer_params(gm: fx.GraphModule, spec: LayerSpec) -> int:
-    """Weight and bias elements of a layer with ``requires_grad`` (0 once ``convert`` has
-    made them integer buffers)."""
-    parameters = dict(gm.named_parameters())
-    return sum(
-        parameters[path].numel()
-        for path in (spec.weight, spec.bias)
-        if path in parameters and parameters[path].requires_grad
-    )
 
 
 def report(gm: fx.GraphModule, key: str | None = None) -> Report:
@@ -139,8 +114,8 @@ def report(gm: fx.GraphModule, key: str | None = None) -> Report:
         key: the discrepancy to show, ``"<mode>.<metric>"``; by default the one the selection
             ranked by (``accumulated.relative`` unless the Select said otherwise).
     """
-    select: Select | None = gm.meta.get("ptqat_select")
-    key = key or (f"{select.mode}.{select.metric}" if select else "accumulated.relative")
+    select: Select | None = selection(gm)
+    key = key or str(DiscrepancyKey.of(select))
     rows = [
         LayerRow(spec.index, spec.name, spec.kind, spec.params, spec.w_bits, spec.a_bits,
                  spec.discrepancy.get(key), spec.selected, trainable_layer_params(gm, spec))
@@ -152,7 +127,7 @@ def report(gm: fx.GraphModule, key: str | None = None) -> Report:
         rows=rows,
         key=key,
         select=select,
-        config=gm.meta.get("ptqat_config"),
+        config=config(gm),
         quantizable_params=sum(row.params for row in rows),
         trainable_quantizable_params=trainable_quantizable,
         trainable_params=sum(p.numel() for p in parameters if p.requires_grad),

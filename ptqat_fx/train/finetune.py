@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 
-from .batches import model_args
+from ..model_inputs import model_args
 from .distill import distillation_loss
-from .errors import ConfigError, InputError
-from .progress import progress_bar
-from .quantizer import quantizers
+from ..errors import ConfigError, InputError
+from ..progress import progress_bar
+from ..meta import num_inputs
+from ..runtime.quantizer import quantizers, step_sizes
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 
@@ -52,9 +53,8 @@ class History:
 def _num_inputs(qmodel: nn.Module, inputs: int | None) -> int:
     if inputs is not None:
         return inputs
-    meta = getattr(qmodel, "meta", {})
-    if "ptqat_num_inputs" in meta:
-        return meta["ptqat_num_inputs"]
+    if isinstance(qmodel, fx.GraphModule) and num_inputs(qmodel) is not None:
+        return num_inputs(qmodel)
     raise InputError(
         f"finetune cannot tell how many of each batch's items the {type(qmodel).__name__} takes as inputs "
         "(it was not made by ptqat_fx.quantize); pass inputs=<number of positional model inputs>"
@@ -92,8 +92,9 @@ def _param_groups(model: nn.Module, lr: float, scale_lr: float | None) -> list[d
             f"the {type(model).__name__} has no trainable parameter: quantize it with a selection that "
             "trains something (Select('small'), Select('all')); Select('none') is PTQ, with nothing to fine-tune"
         )
-    weights = [p for name, p in trainable if not name.endswith(".scale")]
-    scales = [p for name, p in trainable if name.endswith(".scale")]
+    steps = step_sizes(model)
+    weights = [p for name, p in trainable if id(p) not in steps]
+    scales = [p for name, p in trainable if id(p) in steps]
     groups = [{"params": weights, "lr": lr, "name": "weights"}] if weights else []
     if scales:
         groups.append({"params": scales, "lr": lr if scale_lr is None else scale_lr, "weight_decay": 0.0, "name": "scales"})

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptqat_fx.quantizer import FakeQuantizer, lsq_fake_quantize, quant_range
+from ptqat_fx.runtime.quantizer import FakeQuantizer, lsq_fake_quantize, quant_range
 
 shapes = st.lists(st.integers(1, 6), min_size=2, max_size=4)
 
@@ -125,7 +125,7 @@ def test_all_zero_weight_channel_gives_a_finite_positive_scale():
 @pytest.mark.parametrize("bits, signed", [(2, True), (4, True), (8, False)])
 def test_compiled_form_matches_the_autograd_function_in_value_and_gradients(channel_axis, bits, signed):
     """The differentiable-ops form used under torch.compile: same bits forward, LSQ gradients."""
-    from ptqat_fx.quantizer import lsq_fake_quantize, lsq_fake_quantize_ops, quant_range
+    from ptqat_fx.runtime.quantizer import lsq_fake_quantize, lsq_fake_quantize_ops, quant_range
 
     generator = torch.Generator().manual_seed(bits)
     qmin, qmax = quant_range(bits, signed)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...meta import bits_label
+
 _ALIGN = 100  # annotations start in this column, or after longer statements
 
 
@@ -41,9 +43,7 @@ def layer_state(layer: dict[str, Any]) -> str:
 
 def layer_text(layer: dict[str, Any], key: str) -> str:
     """One layer in a line: index, name, kind, bits, discrepancy and state."""
-    bits = f"W{layer['w_bits']}A{layer['a_bits']}" if layer["w_bits"] else (
-        f"A{layer['a_bits']}" if layer["a_bits"] else "float"
-    )
+    bits = bits_label(layer["w_bits"], layer["a_bits"]) if layer["a_bits"] else "float"
     value = layer["discrepancy"].get(key)
     words = [f"layer #{layer['index']}", layer["name"], layer["kind"], bits]
     words += [f"dis={value:.4g}"] if value is not None else []

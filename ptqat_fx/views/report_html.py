@@ -11,9 +11,14 @@ import io
 from html import escape
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
+from ..meta import bits_label
 from .dump.drawing import SELECTED, UNSELECTED, layer_drawing
 from .dump.svg import render_svg
-from .report import Report
+
+if TYPE_CHECKING:  # report imports this module to write its page
+    from .report import Report
 
 _STYLE = """
 body { font-family: Helvetica, Arial, sans-serif; margin: 24px; color: #222; }
@@ -94,7 +99,7 @@ def _summary(report: Report) -> str:
     chosen = sum(bool(row.selected) for row in report.rows)
     share = report.trainable_quantizable_params / report.quantizable_params if report.quantizable_params else 0.0
     items = {
-        "bits": f"W{config.w_bits}A{config.a_bits}" if config else "-",
+        "bits": bits_label(config.w_bits, config.a_bits) if config else "-",
         "selection": repr(select) if select else "none (every layer trainable)",
         "layers": f"{len(report.rows)} quantizable, {chosen} selected for fine-tuning",
         "layer parameters": f"{report.trainable_quantizable_params:,} trainable / {report.quantizable_params:,} ({share:.1%})",
@@ -110,7 +115,7 @@ def _table(report: Report) -> str:
     header = "".join(f"<th>{h}</th>" for h in ("#", "layer", "kind", "params", "bits", escape(report.key), "selected", "trainable params"))
     lines = []
     for row in report.rows:
-        bits = f"W{row.w_bits}A{row.a_bits}" if row.w_bits else f"A{row.a_bits}"
+        bits = bits_label(row.w_bits, row.a_bits)
         value = "" if row.discrepancy is None else f"{row.discrepancy:.4g}"
         sort_value = "NaN" if row.discrepancy is None else repr(row.discrepancy)
         chosen = {True: "yes", False: "no", None: "-"}[row.selected]

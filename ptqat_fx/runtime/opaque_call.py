@@ -12,29 +12,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .layer_spec import LayerSpec
-
-# What F.linear / F.conv* resolve to inside __torch_function__.
-LAYER_FUNCTIONS = {
-    F.linear, torch._C._nn.linear, F.conv1d, F.conv2d, F.conv3d,
-    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-}
+from ..layer_spec import LayerSpec
 
 
 class _QuantizeLayerInputs(TorchFunctionMode):
-    def __init__(self, by_weight: dict[int, nn.Module]) -> None:
+    def __init__(self, by_weight: dict[int, nn.Module], layer_functions: frozenset) -> None:
         super().__init__()
         self.by_weight = by_weight
+        self.layer_functions = layer_functions
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        if func in LAYER_FUNCTIONS and id(weight) in self.by_weight:
+        if func in self.layer_functions and id(weight) in self.by_weight:
             quantizer = self.by_weight[id(weight)]
             if args:
                 args = (quantizer(args[0]), *args[1:])
@@ -46,14 +39,22 @@ class _QuantizeLayerInputs(TorchFunctionMode):
 class OpaqueCall(nn.Module):
     """Calls ``function`` with the graph's arguments; the argument at each key of
     ``input_quantizers`` (a position, or a keyword prefixed ``kw:``) is a layer weight whose
-    linear/conv input that quantizer fake-quantizes.
+    linear/conv input that quantizer fake-quantizes. ``layer_functions`` are the layer
+    functions as ``__torch_function__`` sees them (``layer_kinds.torch_function_forms()``).
 
     Attributes:
         layer_specs: one LayerSpec per quantized weight argument.
     """
 
-    def __init__(self, function: Callable[..., Any], input_quantizers: dict[str, nn.Module], specs: list[LayerSpec]) -> None:
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        input_quantizers: dict[str, nn.Module],
+        specs: list[LayerSpec],
+        layer_functions: frozenset,
+    ) -> None:
         super().__init__()
+        self.layer_functions = layer_functions
         self.function = function
         self.input_quantizers = nn.ModuleDict(input_quantizers)
         self.layer_specs = specs
@@ -63,7 +64,7 @@ class OpaqueCall(nn.Module):
             id(kwargs[key[3:]] if key.startswith("kw:") else args[int(key)]): quantizer
             for key, quantizer in self.input_quantizers.items()
         }
-        with _QuantizeLayerInputs(by_weight):
+        with _QuantizeLayerInputs(by_weight, self.layer_functions):
             return self.function(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ import torch
 
 import ptqat_fx
 from ptqat_fx import QuantConfig, Select
-from ptqat_fx.report_html import selection_threshold
+from ptqat_fx.views.report_html import selection_threshold
 from examples import resnet_small, vit_small
 
 pytest.importorskip("matplotlib")

@@ -1,10 +1,10 @@
 """``dump(gm, path)``: write a graph and its quantization state for a person or a program.
 
 Formats: ``txt`` (a listing, one node a line, with bits, step sizes, mode, discrepancy,
-selection), ``json`` (the schema in ``ptqat_fx.dump.records``), ``dot`` (Graphviz source) and
+selection), ``json`` (the schema in ``ptqat_fx.views.dump.graph_record``), ``dot`` (Graphviz source) and
 ``svg`` (a picture: Graphviz when installed, else a built-in layout). ``dot`` and ``svg`` draw
 the full FX graph or, with ``graph="layers"``, the layer graph. ``quantize(..., dump_dir=)``
-writes these after every stage (``ptqat_fx.dump.stages``).
+writes these after every stage (``ptqat_fx.views.dump.stages``).
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import fx
 
-from ..errors import InputError
+from ...errors import InputError
 from ..report import report
 from .dot import render_dot
 from .drawing import Drawing, full_drawing, layer_drawing
-from .records import graph_record
+from .graph_record import graph_record
 from .svg import render_svg
 from .text import render_text
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ptqat_fx.observer import RangeObserver
+from ptqat_fx.runtime.observer import RangeObserver
 
 
 def _brute_force_mse_clip(x: torch.Tensor, qmax: int, candidates: torch.Tensor) -> float:
@@ -71,3 +71,37 @@ def test_lsq_init_formula():
     observer = RangeObserver("lsq", 127)
     observer.update(x)
     assert abs(float(observer.scale()) - 2 * 2.5 / 127**0.5) < 1e-6
+
+
+def test_percentile_sweep_picks_the_least_error_percentile_per_channel():
+    torch.manual_seed(0)
+    w = torch.randn(3, 500) * torch.tensor([[0.1], [1.0], [3.0]])
+    w[1, 0] = 40.0  # an outlier the sweep should clip away
+    observer = RangeObserver("percentile_sweep", 7, channel_axis=0)
+    observer.update(w)
+    clips = observer.scale() * 7
+    for channel in range(3):
+        magnitudes = w[channel].abs()
+        candidates = torch.tensor([float(torch.quantile(magnitudes, p / 100)) for p in (99.0, 99.9, 99.99, 99.999, 100.0)])
+        expected = _brute_force_mse_clip(w[channel], 7, candidates)
+        assert abs(float(clips[channel]) - expected) < 1e-5 * max(expected, 1.0)
+    assert float(clips[1]) < 40.0
+
+
+def test_percentile_sweep_per_tensor_is_no_worse_than_any_fixed_percentile():
+    torch.manual_seed(1)
+    x = torch.randn(50_000)
+    x[:5] = 60.0
+    sweep = RangeObserver("percentile_sweep", 7)
+    sweep.update(x)
+
+    def error(scale: float) -> float:
+        return float((x.abs() - (x.abs() / scale).round().clamp(max=7) * scale).square().sum())
+
+    fixed = []
+    for percentile in (99.0, 99.9, 99.99, 99.999, 100.0):
+        observer = RangeObserver("percentile", 7, percentile=percentile)
+        observer.update(x)
+        fixed.append(error(float(observer.scale())))
+    # Scored on the histogram, so equal to the best fixed percentile up to binning.
+    assert error(float(sweep.scale())) <= min(fixed) * 1.01

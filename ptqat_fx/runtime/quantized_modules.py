@@ -3,7 +3,7 @@
 The graph passes cannot rewrite what they cannot see: a leaf module (named by the user, or
 made a leaf because it does not trace) runs its own Python ``forward``. Its Conv and Linear
 children are quantized in place instead: ``quantize_layer_module`` swaps the child's class for
-the quantized subclass below and gives it a weight ``FakeQuantizer`` (``weight_fake_quant``,
+its quantized subclass below and gives it a weight ``FakeQuantizer`` (``weight_fake_quant``,
 the path ``insert_quantizers`` would use) and an ``input_quantizer``. The parameters stay the
 same objects at the same paths, so state_dict keys and optimizers are unaffected, and
 ``quantizer.quantizers(gm)`` finds the new quantizers, so ``calibrate`` sets them.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_spec import LayerSpec
+from ..layer_spec import LayerSpec
 from .quantizer import FakeQuantizer
 
 
@@ -79,28 +79,24 @@ class QuantizedConvTranspose3d(_QuantizedConvTranspose, nn.ConvTranspose3d):
     transposed_function = staticmethod(F.conv_transpose3d)
 
 
-QUANTIZED_CLASSES: dict[type, type] = {
-    nn.Linear: QuantizedLinear,
-    nn.Conv1d: QuantizedConv1d,
-    nn.Conv2d: QuantizedConv2d,
-    nn.Conv3d: QuantizedConv3d,
-    nn.ConvTranspose1d: QuantizedConvTranspose1d,
-    nn.ConvTranspose2d: QuantizedConvTranspose2d,
-    nn.ConvTranspose3d: QuantizedConvTranspose3d,
-}
-
-
 def is_quantized_layer(module: nn.Module) -> bool:
     """Whether ``module`` was quantized at module level by ``quantize_layer_module``."""
     return isinstance(module, _QuantizedLayer)
 
 
 def quantize_layer_module(
-    module: nn.Module, spec: LayerSpec, weight_quantizer: FakeQuantizer, input_quantizer: FakeQuantizer
+    module: nn.Module,
+    quantized_class: type[nn.Module],
+    spec: LayerSpec,
+    weight_quantizer: FakeQuantizer,
+    input_quantizer: FakeQuantizer,
 ) -> None:
-    """Turn ``module`` (an exact ``nn.Linear``/``nn.ConvNd``/``nn.ConvTransposeNd``) into its
-    quantized subclass in place, holding the given quantizers and ``spec``."""
-    module.__class__ = QUANTIZED_CLASSES[type(module)]
+    """Turn ``module`` (an exact ``nn.Linear``/``nn.ConvNd``/``nn.ConvTransposeNd``) into
+    ``quantized_class``, its quantized subclass above (``LayerKind.quantized_module``), in
+    place, holding the given quantizers and ``spec``."""
+    if type(module) not in quantized_class.__bases__:
+        raise TypeError(f"{quantized_class.__name__} does not quantize a {type(module).__name__}")
+    module.__class__ = quantized_class
     module.add_module("weight_fake_quant", weight_quantizer)
     module.add_module("input_quantizer", input_quantizer)
     module.layer_spec = spec

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import ptqat_fx
-from ptqat_fx.attention import TracedMultiheadAttention, unfuse_attention
+from ptqat_fx.runtime.attention import TracedMultiheadAttention, unfuse_attention
 from ptqat_fx.coverage import coverage
 from ptqat_fx.layer_spec import layer_specs
 

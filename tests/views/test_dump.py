@@ -11,13 +11,13 @@ import torch
 
 import ptqat_fx
 from ptqat_fx import InputError, QuantConfig
-from ptqat_fx.dump import drawing
-from ptqat_fx.dump.drawing import heat
-from ptqat_fx.dump.records import SCHEMA
-from ptqat_fx.dump.stages import stage_names
-from ptqat_fx.dump.svg import layout_svg, render_svg
+from ptqat_fx.views.dump import drawing
+from ptqat_fx.views.dump.drawing import heat
+from ptqat_fx.views.dump.graph_record import SCHEMA
+from ptqat_fx.views.dump.stages import stage_names
+from ptqat_fx.views.dump.svg import layout_svg, render_svg
 from ptqat_fx.layer_spec import layer_nodes, layer_specs
-from ptqat_fx.quantizer import quantizers
+from ptqat_fx.runtime.quantizer import quantizers
 from examples import resnet_small, vit_small
 
 EXAMPLES = {"resnet": (resnet_small.build, (4, 3, 32, 32)), "vit": (vit_small.build, (4, 1, 28, 28))}

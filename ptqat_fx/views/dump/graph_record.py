@@ -42,19 +42,18 @@ from typing import Any
 
 from torch import fx
 
-from ..layer_graph import layer_graph
-from ..layer_spec import META_KEY, LayerSpec
-from ..passes.unfuse import FUSED_FROM_KEY
-from ..quantizer import FakeQuantizer, quantizers
-from ..report import trainable_layer_params
+from ...layer_graph import layer_graph
+from ...layer_spec import LayerSpec
+from ...meta import DiscrepancyKey, config, fused_from, is_frozen, layer_spec, selection
+from ...runtime.quantizer import FakeQuantizer, quantizers
+from ..layer_rows import trainable_layer_params
 
 SCHEMA = "ptqat-fx.dump/1"
 
 
 def discrepancy_key(gm: fx.GraphModule) -> str:
     """The ``"<mode>.<metric>"`` the selection of ``gm`` ranks by (or would by default)."""
-    select = gm.meta.get("ptqat_select")
-    return f"{select.mode}.{select.metric}" if select else "accumulated.relative"
+    return str(DiscrepancyKey.of(selection(gm)))
 
 
 def quantizer_record(quantizer: FakeQuantizer) -> dict[str, Any]:
@@ -65,7 +64,7 @@ def quantizer_record(quantizer: FakeQuantizer) -> dict[str, Any]:
         "signed": quantizer.signed,
         "channel_axis": quantizer.channel_axis,
         "channels": scale.numel(),
-        "mode": quantizer.mode,
+        "mode": quantizer.mode.value,
         "scale": None if not quantizer.calibrated else {
             "min": float(scale.min()), "max": float(scale.max()), "mean": float(scale.mean()),
         },
@@ -94,8 +93,8 @@ def graph_record(gm: fx.GraphModule) -> dict[str, Any]:
     known = quantizers(gm)
     nodes, layers = [], []
     for node in gm.graph.nodes:
-        spec: LayerSpec | None = node.meta.get(META_KEY)
-        frozen, fused = bool(node.meta.get("frozen")), FUSED_FROM_KEY in node.meta
+        spec: LayerSpec | None = layer_spec(node)
+        frozen, fused = is_frozen(node), fused_from(node) is not None
         nodes.append({
             "name": node.name,
             "op": node.op,
@@ -116,11 +115,11 @@ def graph_record(gm: fx.GraphModule) -> dict[str, Any]:
                 "frozen": frozen, "fused": fused,
                 "trainable_params": trainable_layer_params(gm, spec),
             })
-    config, select = gm.meta.get("ptqat_config"), gm.meta.get("ptqat_select")
+    config_, select = config(gm), selection(gm)
     return {
         "schema": SCHEMA,
         "model": type(gm).__name__,
-        "config": repr(config) if config is not None else None,
+        "config": repr(config_) if config_ is not None else None,
         "select": repr(select) if select is not None else None,
         "discrepancy_key": discrepancy_key(gm),
         "nodes": nodes,

@@ -1,0 +1,237 @@
+"""Range observers: turn the tensors seen during calibration into initial step sizes.
+
+An observer only ever sees magnitudes: quantization is symmetric, so the error of a step
+size depends on |x| alone. Per-tensor activations are summarised in a histogram of |x| whose
+range doubles when a larger value arrives, so memory stays bounded whatever the calibration
+set's size, and percentile and MSE searches run on the histogram. Per-channel tensors
+(weights) are kept whole: they are constant during calibration.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+HISTOGRAM_BINS = 2048
+MSE_CANDIDATES = 100
+SWEEP_PERCENTILES = (99.0, 99.9, 99.99, 99.999, 100.0)
+# A scale for tensors that were all zeros: any scale represents zero exactly; 1.0 keeps the
+# LSQ gradient well conditioned if non-zero values arrive during fine-tuning.
+ZERO_RANGE_SCALE = 1.0
+
+
+def _quantization_error(values: torch.Tensor, clip: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Squared error of quantizing magnitudes ``values`` [..., K] with clip ``clip`` [..., 1]."""
+    step = clip / qmax
+    return (values - (values / step).round().clamp(max=qmax) * step).square()
+
+
+class ClipRule:
+    """How an observer turns the statistics of a ``RangeObserver`` into a clipping range: one
+    small class per method, registered by name with ``register_observer``."""
+
+    name: ClassVar[str]
+
+    def channel_clip(self, observer: RangeObserver) -> torch.Tensor:
+        """Clip per channel [C] from ``observer.latest`` [C, K] and ``observer.abs_max`` [C]."""
+        raise NotImplementedError
+
+    def tensor_clip(self, observer: RangeObserver) -> torch.Tensor:
+        """Clip for one tensor from ``observer``'s |x| histogram (``histogram_values``)."""
+        raise NotImplementedError
+
+
+OBSERVERS: dict[str, type[ClipRule]] = {}
+
+
+def register_observer(rule: type[ClipRule]) -> type[ClipRule]:
+    """Class decorator: make ``rule`` available as ``QuantConfig(w_observer=rule.name)``."""
+    OBSERVERS[rule.name] = rule
+    return rule
+
+
+@register_observer
+class MinMax(ClipRule):
+    """The absolute maximum."""
+
+    name = "minmax"
+
+    def channel_clip(self, observer: RangeObserver) -> torch.Tensor:
+        return observer.abs_max
+
+    def tensor_clip(self, observer: RangeObserver) -> torch.Tensor:
+        return observer.abs_max
+
+
+@register_observer
+class Percentile(ClipRule):
+    """The ``percentile`` of |x|."""
+
+    name = "percentile"
+
+    def channel_clip(self, observer: RangeObserver) -> torch.Tensor:
+        return torch.quantile(observer.latest, observer.percentile / 100.0, dim=1)
+
+    def tensor_clip(self, observer: RangeObserver) -> torch.Tensor:
+        return observer.histogram_percentile(observer.percentile)
+
+
+@register_observer
+class LSQInit(ClipRule):
+    """The LSQ paper's initial step, ``2 * mean|x| / sqrt(qmax)``, as a clip."""
+
+    name = "lsq"
+
+    def channel_clip(self, observer: RangeObserver) -> torch.Tensor:
+        return 2.0 * observer.latest.mean(dim=1) * observer.qmax**0.5
+
+    def tensor_clip(self, observer: RangeObserver) -> torch.Tensor:
+        return torch.tensor(2.0 * observer.abs_sum / observer.count * observer.qmax**0.5)
+
+
+@register_observer
+class MSESearch(ClipRule):
+    """The clip among ``MSE_CANDIDATES`` fractions of the maximum with the least squared
+    quantization error."""
+
+    name = "mse"
+
+    def channel_clip(self, observer: RangeObserver) -> torch.Tensor:
+        ratios = torch.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES).tolist()
+        return observer.best_channel_clip([observer.abs_max * ratio for ratio in ratios])
+
+    def tensor_clip(self, observer: RangeObserver) -> torch.Tensor:
+        top = float(observer.abs_max)
+        clips = torch.linspace(top / MSE_CANDIDATES, top, MSE_CANDIDATES, dtype=torch.float64)
+        return observer.best_tensor_clip(clips)
+
+
+@register_observer
+class PercentileSweep(ClipRule):
+    """The clip among the percentiles ``SWEEP_PERCENTILES`` of |x| with the least squared
+    quantization error: the percentile observer without choosing the percentile by hand."""
+
+    name = "percentile_sweep"
+
+    def channel_clip(self, observer: RangeObserver) -> torch.Tensor:
+        levels = torch.tensor(SWEEP_PERCENTILES, dtype=observer.latest.dtype) / 100.0
+        candidates = torch.quantile(observer.latest, levels.to(observer.latest.device), dim=1)
+        return observer.best_channel_clip(list(candidates))
+
+    def tensor_clip(self, observer: RangeObserver) -> torch.Tensor:
+        clips = torch.stack([observer.histogram_percentile(p) for p in SWEEP_PERCENTILES]).double()
+        return observer.best_tensor_clip(clips)
+
+
+class RangeObserver:
+    """Collects |x| statistics and proposes a step size.
+
+    Args:
+        method: a registered observer name (``OBSERVERS``): ``minmax``, ``percentile``,
+            ``mse``, ``lsq``...
+        qmax: the largest quantized magnitude (127 for signed 8-bit, 255 for unsigned).
+        channel_axis: keep statistics per slice along this axis (weights), else per tensor.
+        percentile: for ``percentile``, in (0, 100].
+    """
+
+    def __init__(
+        self, method: str, qmax: int, channel_axis: int | None = None, percentile: float = 99.99
+    ) -> None:
+        self.method = method
+        self.rule = OBSERVERS[method]()
+        self.qmax = qmax
+        self.channel_axis = channel_axis
+        self.percentile = percentile
+        self.batches = 0
+        self.abs_max: torch.Tensor | None = None
+        self.abs_sum = 0.0
+        self.count = 0
+        self.histogram: torch.Tensor | None = None
+        self.latest: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add one tensor's statistics."""
+        magnitude = x.detach().abs().float()
+        self.batches += 1
+        if self.channel_axis is not None:
+            per_channel = magnitude.transpose(0, self.channel_axis).flatten(1)
+            channel_max = per_channel.amax(dim=1)
+            self.abs_max = channel_max if self.abs_max is None else self.abs_max.maximum(channel_max)
+            self.latest = per_channel
+            return
+        self.abs_sum += float(magnitude.sum())
+        self.count += magnitude.numel()
+        batch_max = magnitude.max()
+        if self.abs_max is None:
+            self.abs_max = batch_max
+            self.histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64, device=x.device)
+        elif batch_max > self.abs_max:
+            self._widen(batch_max)
+            self.abs_max = batch_max
+        top = float(self.abs_max)
+        if top > 0:
+            self.histogram += torch.histc(magnitude, HISTOGRAM_BINS, 0.0, top).double()
+        else:
+            self.histogram[0] += magnitude.numel()
+
+    def _widen(self, new_max: torch.Tensor) -> None:
+        """Re-bin the histogram onto [0, new_max] so earlier counts are kept."""
+        old_top = float(self.abs_max)
+        if old_top <= 0:
+            # Only zeros so far: they stay in the first bin of any range.
+            return
+        centres = self._bin_centres(old_top)
+        target = (centres / float(new_max) * HISTOGRAM_BINS).long().clamp(max=HISTOGRAM_BINS - 1)
+        widened = torch.zeros_like(self.histogram)
+        widened.index_add_(0, target, self.histogram)
+        self.histogram = widened
+
+    def _bin_centres(self, top: float) -> torch.Tensor:
+        index = torch.arange(HISTOGRAM_BINS, dtype=torch.float64, device=self.histogram.device)
+        return (index + 0.5) * (top / HISTOGRAM_BINS)
+
+    def scale(self) -> torch.Tensor:
+        """The proposed step size: shape [channels] per channel, [1] per tensor."""
+        if self.batches == 0:
+            raise RuntimeError("observer saw no data")
+        if self.channel_axis is not None:
+            clip = self._channel_clip()
+        else:
+            clip = self._tensor_clip().reshape(1)
+        step = clip.float() / self.qmax
+        return torch.where(step > 0, step, torch.full_like(step, ZERO_RANGE_SCALE))
+
+    def _channel_clip(self) -> torch.Tensor:
+        return self.rule.channel_clip(self)
+
+    def _tensor_clip(self) -> torch.Tensor:
+        if float(self.abs_max) == 0:
+            return self.abs_max  # only zeros seen: every rule's clip is 0
+        return self.rule.tensor_clip(self)
+
+    def best_channel_clip(self, candidates: list[torch.Tensor]) -> torch.Tensor:
+        """Per channel, the candidate clip [C] with the least squared quantization error of
+        the weight (the first on ties)."""
+        best_error = torch.full_like(self.abs_max, float("inf"))
+        best_clip = self.abs_max.clone()
+        for clip in candidates:
+            error = _quantization_error(self.latest, clip.clamp_min(1e-30)[:, None], self.qmax).sum(1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_clip = torch.where(better, clip, best_clip)
+        return best_clip
+
+    def best_tensor_clip(self, clips: torch.Tensor) -> torch.Tensor:
+        """The clip of ``clips`` (float64 [K]) with the least squared quantization error over
+        the histogram (the first on ties)."""
+        centres = self._bin_centres(float(self.abs_max))
+        clips = clips.to(centres.device)
+        errors = (_quantization_error(centres[None, :], clips[:, None], self.qmax) * self.histogram).sum(1)
+        return clips[int(errors.argmin())]
+
+    def histogram_percentile(self, percentile: float) -> torch.Tensor:
+        """The upper edge of the histogram bin where the ``percentile`` of |x| falls."""
+        top = float(self.abs_max)
+        cumulative = (self.histogram.cumsum(0) / self.histogram.sum()).cpu()
+        index = int(torch.searchsorted(cumulative, torch.tensor([percentile / 100.0], dtype=torch.float64)))
+        return torch.tensor((min(index, HISTOGRAM_BINS - 1) + 1) * top / HISTOGRAM_BINS)

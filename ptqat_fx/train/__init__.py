@@ -1,0 +1,1 @@
+"""Fine-tuning what the freeze rewrite left trainable: ``finetune`` and distillation."""
