@@ -26,7 +26,7 @@ from .passes.insert_quantizers import insert_quantizers
 from .passes.quantize_joins import quantize_joins
 from .passes.quantize_leaves import quantize_leaves
 from .passes.select import select_layers
-from .tracing import trace
+from .capture import trace
 
 
 def _check_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any]) -> None:

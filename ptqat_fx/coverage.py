@@ -16,7 +16,7 @@ from torch import fx
 from .layer_spec import layer_specs
 from .passes.annotate import MODULE_KINDS
 from .quantizer import FakeQuantizer
-from .tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
+from .capture import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import fx
 from .config import QuantConfig, Select
 from .layer_graph import layer_graph
 from .layer_spec import LayerSpec, layer_specs
-from .tracing import AUTO_LEAVES_KEY
+from .capture import AUTO_LEAVES_KEY
 
 
 @dataclass

@@ -8,7 +8,7 @@ from torch import nn
 import ptqat_fx
 from ptqat_fx import TraceError
 from ptqat_fx.layer_spec import layer_specs
-from ptqat_fx.tracing import AUTO_LEAVES_KEY, trace
+from ptqat_fx.capture import AUTO_LEAVES_KEY, trace
 
 
 class Branchy(nn.Module):

@@ -22,7 +22,7 @@ from ..leaf_layers import QUANTIZED_CLASSES, is_quantized_layer, quantize_layer_
 from .annotate import MODULE_KINDS
 from ..opaque_call import OpaqueCall
 from ..quantizer import FakeQuantizer
-from ..tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
+from ..capture import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, AutoLeaf
 
 LEAF_KEY = "ptqat_leaf"
 

@@ -11,7 +11,7 @@ from ptqat_fx.passes.annotate import annotate
 from ptqat_fx.passes.convert import CONVERT_KEY, pack_int4, quantize_dequantize, state_dict_bytes, unpack_int4
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
 from ptqat_fx.quantizer import quantizers
-from ptqat_fx.tracing import trace
+from ptqat_fx.capture import trace
 from examples import mlp
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
 
