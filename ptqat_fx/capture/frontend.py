@@ -222,8 +222,8 @@ def trace(
     example_kwargs: dict[str, Any] | None = None,
     auto_leaf: bool = False,
 ) -> fx.GraphModule:
-    """Capture ``model`` as a GraphModule that shares its parameters (``model`` itself, its
-    buffers and the RNG states are left as they were).
+    """Capture ``model`` as a GraphModule that shares its parameters (``model`` itself and
+    its buffers are left as they were).
 
     Args:
         model: the module to capture.
@@ -248,7 +248,7 @@ def trace(
     """
     kwargs = dict(example_kwargs or {})
     capture = _Capture(model, example_inputs, kwargs, leaf_modules, concrete_args, auto_leaf)
-    with preserved_state(model, (example_inputs, kwargs)):
+    with preserved_state(model):
         gm = capture.graph(model, example_inputs, kwargs, "")
         types = {path: type(module) for path, module in model.named_modules()}
         if gm is None:

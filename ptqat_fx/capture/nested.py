@@ -63,18 +63,20 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
 
 
 @contextmanager
-def preserved_state(model: nn.Module, inputs: Any) -> Iterator[None]:
-    """Restore ``model``'s buffers (BatchNorm statistics) and the RNG states after running it
-    on example values, so capture leaves no trace in the model or in later random draws."""
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore ``model``'s buffers (BatchNorm statistics) after running it on example values.
+
+    The RNG is not forked and restored: that state is process-wide, and restoring it would
+    rewind the draws of other threads. Capture draws random numbers only where the model does
+    (dropout in train mode), the same ones on every run under a seed.
+    """
     saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for buffer, value in saved:
-                    buffer.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def shallow_clone(module: nn.Module) -> nn.Module:
