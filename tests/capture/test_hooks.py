@@ -55,8 +55,9 @@ def _quantized_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
         return {**gm.state_dict(), "out": gm(x)}
 
 
-def test_threads_quantize_bit_identical_to_sequential():
-    seeds = [(t * 10 + i) % 7 for t in range(4) for i in range(10)]
+@pytest.mark.parametrize("calls", [3, pytest.param(10, marks=pytest.mark.slow)])
+def test_threads_quantize_bit_identical_to_sequential(calls):
+    seeds = [(t * calls + i) % 4 for t in range(4) for i in range(calls)]
     models = {seed: Net(seed).eval() for seed in set(seeds)}  # the global RNG, before any thread
     sequential = {seed: _quantized_state(models[seed], seed) for seed in models}
     results: list[tuple[int, dict]] = []
@@ -64,8 +65,8 @@ def test_threads_quantize_bit_identical_to_sequential():
 
     def work(thread: int) -> None:
         try:
-            for i in range(10):
-                seed = seeds[thread * 10 + i]
+            for i in range(calls):
+                seed = seeds[thread * calls + i]
                 results.append((seed, _quantized_state(models[seed], seed)))
         except BaseException as error:  # reported by the main thread
             errors.append(error)
@@ -75,7 +76,7 @@ def test_threads_quantize_bit_identical_to_sequential():
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors and len(results) == 40
+    assert not errors and len(results) == 4 * calls
     for seed, state in results:
         assert state.keys() == sequential[seed].keys()
         assert all(torch.equal(state[k], sequential[seed][k]) for k in state), seed
