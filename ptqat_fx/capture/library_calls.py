@@ -42,8 +42,12 @@ def _holds_proxy(namespace: dict[str, Any]) -> bool:
     return False
 
 
-def _function_of(code: types.CodeType) -> Callable[..., Any] | None:
-    """The module-level function whose code is ``code`` (bound to some module name)."""
+def _function_of(code: types.CodeType, namespace: dict[str, Any]) -> Callable[..., Any] | None:
+    """The module-level function whose code is ``code`` (bound to some module name): looked up
+    by name in the module that defines it, else among the referrers of the code (slow)."""
+    candidate = namespace.get(code.co_name)
+    if isinstance(candidate, types.FunctionType) and candidate.__code__ is code:
+        return candidate
     for referrer in gc.get_referrers(code):
         if isinstance(referrer, types.FunctionType) and referrer.__code__ is code and bindings_of(referrer):
             return referrer
@@ -59,7 +63,7 @@ def rejecting_library_function(error: BaseException, files: set[str]) -> Callabl
             continue
         if isinstance(callee.f_locals.get("self"), nn.Module) or not _holds_proxy(callee.f_locals):
             continue
-        function = _function_of(callee.f_code)
+        function = _function_of(callee.f_code, callee.f_globals)
         if function is not None:
             return function
     return None
