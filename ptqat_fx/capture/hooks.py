@@ -121,7 +121,8 @@ def tracing(tracer: fx.Tracer, record_functions: tuple[Callable[..., Any], ...] 
                 namespace[name] = original
             if outermost:
                 _FUNCTION.apply = _ORIGINAL_APPLY
-            tracers.pop()
+            if tracers and tracers[-1] is tracer:  # an interrupt may land before the append
+                tracers.pop()
 
 
 def unpatched() -> bool:
