@@ -33,7 +33,7 @@ from bench.grad_check import grad_check, tolerance_from_floor
 from examples.bev import rig
 from examples.bev.center_head import CenterHead
 from examples.bev.lss import BEVEncoder
-from ptqat_fx.layer_spec import META_KEY, layer_nodes
+from ptqat_fx.layer_spec import layer_specs
 from tests.zoo.torchvision_zoo import load_torchvision
 
 DEPTH_BINS, CONTEXT, STRIDE = 48, 64, 16
@@ -103,7 +103,7 @@ def parameter_table(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if isinstance(model, torch.fx.GraphModule):
-        specs = [node.meta[META_KEY] for node in layer_nodes(model)]
+        specs = layer_specs(model)
         layers, selected = len(specs), sum(bool(spec.selected) for spec in specs)
     else:
         layers = selected = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())

@@ -27,7 +27,7 @@ from .passes.insert_quantizers import insert_quantizers
 from .passes.quantize_joins import quantize_joins
 from .passes.quantize_leaves import quantize_leaves
 from .passes.select import select_layers
-from .tracing import trace
+from .capture import trace
 
 
 def _check_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any]) -> None:
@@ -89,9 +89,12 @@ def quantize(
         leaf_modules: module classes or paths kept opaque by the tracer.
         concrete_args: forward arguments fixed at trace time. Example inputs holding dicts or
             lists of tensors are traced through, and non-tensor ones fixed, without it.
-        strict: raise ``TraceError`` where a module does not trace, instead of running it as
-            an automatic leaf whose Conv/Linear layers are quantized at module level
-            (``gm.meta["ptqat_auto_leaves"]``; ``coverage(gm)`` lists them).
+        strict: raise ``TraceError`` where a module does not trace, instead of running its
+            forward eagerly as a nested capture (its children captured as graphs, its
+            Conv/Linear layers quantized at module level; ``gm.meta["ptqat_auto_leaves"]``,
+            ``coverage(gm)`` lists them). Where plain tracing fails, the graph is specialized
+            to the shapes of ``example_inputs`` and refuses other shapes with ``InputError``
+            (``capture.specialization(gm)``).
         progress: show progress bars.
         dump_dir: write the graph after every stage to this folder (``01_traced.txt``,
             ``.json``, ``.dot``, ``.svg``, then ``02_bn_folded``...; see ``dump.stages``).

@@ -17,7 +17,7 @@ from .layer_kinds import kind_of_type
 from .layer_spec import layer_specs
 from .meta import auto_leaves, module_types
 from .runtime.quantizer import FakeQuantizer
-from .tracing import AutoLeaf
+from .capture import AutoLeaf
 
 
 @dataclass

@@ -12,12 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import fx
 
-from .tracing import AUTO_LEAVES_KEY, MODULE_TYPES_KEY
-
 if TYPE_CHECKING:
     from .config import QuantConfig, Select
     from .layer_spec import LayerSpec
-    from .tracing import AutoLeaf
+    from .capture import AutoLeaf
 
 # node.meta keys
 LAYER = "ptqat_layer"  # LayerSpec of a quantizable layer (annotate)
@@ -30,6 +28,12 @@ CONVERT = "ptqat_convert"  # what a dequantize node of convert lowered
 FOLDED_BN = "folded_bn"  # path of the BatchNorm folded into a conv (fold_bn)
 # gm.meta keys
 CONFIG = "ptqat_config"
+AUTO_LEAVES_KEY = "ptqat_auto_leaves"  # [AutoLeaf]: modules capture left to run eagerly
+# GraphModule keeps only what the graph references (a parameter used through get_attr keeps
+# a bare Module at its owner's path), so capture records the module types at trace time.
+MODULE_TYPES_KEY = "ptqat_module_types"
+RECORDED_CALLS_KEY = "ptqat_recorded_calls"  # library functions capture recorded as one call
+SPECIALIZATION_KEY = "ptqat_specialization"  # the example shapes the graph was captured for
 SELECT = "ptqat_select"
 NUM_INPUTS = "ptqat_num_inputs"  # how finetune() splits batches into inputs and labels
 # torch's own keys that ptqat-fx reads

@@ -9,7 +9,7 @@ import ptqat_fx
 from ptqat_fx import CalibrationError, InputError, QuantConfig, TraceError
 from ptqat_fx.layer_spec import layer_specs
 from ptqat_fx.runtime.quantizer import FakeQuantizer, quantizers
-from ptqat_fx.tracing import trace
+from ptqat_fx.capture import trace
 from examples import mlp, resnet_small, vit_small
 
 EXAMPLES = {

@@ -3,7 +3,7 @@
 A leaf module (one the user named, one ``trace(auto_leaf=True)`` made a leaf because it did
 not trace, or a torch module called with arguments the graph rewrite does not handle) runs
 its own ``forward`` eagerly. Its Conv/Linear descendants are quantized at module level
-(``leaf_layers.quantize_layer_module``), so nothing quantizable is left in float silently:
+(``runtime.quantized_modules.quantize_layer_module``), so nothing quantizable is left in float silently:
 every layer inside a leaf is either quantized or listed with the reason it is not (skipped by
 ``QuantConfig.skip``, or never called on the example inputs, so calibration could not set it).
 
@@ -26,7 +26,7 @@ from ..quantizer_factory import (
 from ..runtime.opaque_call import OpaqueCall
 from ..runtime.quantized_modules import is_quantized_layer, quantize_layer_module
 from ..runtime.quantizer import FakeQuantizer
-from ..tracing import AutoLeaf
+from ..capture import AutoLeaf
 
 
 def _leaf_layers(gm: fx.GraphModule) -> dict[str, list[tuple[str, nn.Module]]]:

@@ -16,7 +16,7 @@ from examples.bev import scenes
 from examples.bev.train import MODELS, build
 from ptqat_fx.runtime.attention import unfuse_attention
 from ptqat_fx.coverage import coverage
-from ptqat_fx.tracing import trace
+from ptqat_fx.capture import trace
 
 # Matrix products on camera/ego geometry (frustum unprojection, ego-motion warps, reference-point
 # projection) have an operand that is not computed from any layer, so ``annotate`` keeps them in

@@ -8,7 +8,7 @@ from torch import nn
 from ptqat_fx import QuantConfig
 from ptqat_fx.layer_spec import layer_specs
 from ptqat_fx.passes.annotate import annotate
-from ptqat_fx.tracing import trace
+from ptqat_fx.capture import trace
 
 
 class PaddedConv(nn.Conv2d):

@@ -10,7 +10,7 @@ from ptqat_fx.passes.annotate import annotate
 from ptqat_fx.passes.calibrate import calibrate
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
 from ptqat_fx.runtime.quantizer import QuantizerMode, quantizers
-from ptqat_fx.tracing import trace
+from ptqat_fx.capture import trace
 
 
 def _graph(config=QuantConfig(w_bits=8, a_bits=8, w_observer="minmax", a_observer="minmax")):

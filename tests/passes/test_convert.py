@@ -13,7 +13,7 @@ from ptqat_fx.meta import converted as converted_record, layer_spec
 from ptqat_fx.passes.convert import state_dict_bytes
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
 from ptqat_fx.runtime.quantizer import quantizers
-from ptqat_fx.tracing import trace
+from ptqat_fx.capture import trace
 from examples import mlp
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ptqat_fx.passes.fold_bn import fold_bn
-from ptqat_fx.tracing import trace
+from ptqat_fx.capture import trace
 from examples import resnet_small
 
 

@@ -10,7 +10,7 @@ from ptqat_fx.layer_spec import layer_specs
 from ptqat_fx.passes.annotate import annotate
 from ptqat_fx.passes.insert_quantizers import insert_quantizers
 from ptqat_fx.runtime.quantizer import FakeQuantizer, quantizers
-from ptqat_fx.tracing import trace
+from ptqat_fx.capture import trace
 from examples import mlp, resnet_small, vit_small
 
 

@@ -34,8 +34,8 @@ import ptqat_fx
 from ptqat_fx import QuantConfig
 from ptqat_fx.coverage import coverage
 from ptqat_fx.layer_spec import layer_specs
-from ptqat_fx.quantizer import FakeQuantizer
-from ptqat_fx.tracing import AUTO_LEAVES_KEY
+from ptqat_fx.runtime.quantizer import FakeQuantizer
+from ptqat_fx.capture import AUTO_LEAVES_KEY
 
 from .cases import Case
 

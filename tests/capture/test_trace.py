@@ -8,7 +8,7 @@ from torch import nn
 import ptqat_fx
 from ptqat_fx import TraceError
 from ptqat_fx.layer_spec import layer_specs
-from ptqat_fx.tracing import AUTO_LEAVES_KEY, trace
+from ptqat_fx.capture import AUTO_LEAVES_KEY, trace
 
 
 class Branchy(nn.Module):
@@ -90,7 +90,7 @@ def test_trace_error_names_module_line_and_fix(module, line, fix):
 
 
 def test_strict_quantize_raises_naming_the_deepest_module():
-    with pytest.raises(TraceError, match=r"module 'inner' at .*test_tracing.py:\d+: \"if x.sum\(\) > 0:\""):
+    with pytest.raises(TraceError, match=r"module 'inner' at .*test_trace.py:\d+: \"if x.sum\(\) > 0:\""):
         ptqat_fx.quantize(Outer(), (X,), strict=True, progress=False)
 
 
