@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .dump.drawing import SELECTED, UNSELECTED, layer_drawing
 from .dump.svg import render_svg
-from .report import Report
+from .report import Report, selection_words
 
 _STYLE = """
 body { font-family: Helvetica, Arial, sans-serif; margin: 24px; color: #222; }
@@ -95,7 +95,7 @@ def _summary(report: Report) -> str:
     share = report.trainable_quantizable_params / report.quantizable_params if report.quantizable_params else 0.0
     items = {
         "bits": f"W{config.w_bits}A{config.a_bits}" if config else "-",
-        "selection": repr(select) if select else "none (every layer trainable)",
+        "selection": selection_words(select, selection_threshold(report)),
         "layers": f"{len(report.rows)} quantizable, {chosen} selected for fine-tuning",
         "layer parameters": f"{report.trainable_quantizable_params:,} trainable / {report.quantizable_params:,} ({share:.1%})",
         "all parameters": f"{report.trainable_params:,} trainable / {report.total_params:,}",
