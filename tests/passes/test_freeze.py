@@ -18,6 +18,8 @@ EXAMPLES = {"resnet": (resnet_small.build, (4, 3, 32, 32)), "vit": (vit_small.bu
 # Min-max observers: calibration in a fraction of the MSE search's time; what these tests check
 # (outputs before and after the rewrite, bytes kept for backward) does not depend on the scales.
 FAST = QuantConfig(w_observer="minmax", a_observer="minmax")
+# The ResNet variant of the heaviest tests runs with -m slow (in CI); the ViT one by default.
+HEAVY_RESNET = [pytest.param("resnet", marks=pytest.mark.slow), "vit"]
 
 
 def _data(shape):
@@ -53,7 +55,7 @@ def test_trainable_set_is_exactly_the_selected_layers(name):
             assert parameter.grad is None, parameter_name
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", HEAVY_RESNET)
 def test_rewritten_model_outputs_equal_the_unrewritten_fake_quant_model(name):
     build, shape = EXAMPLES[name]
     data = _data(shape)
@@ -117,7 +119,7 @@ def test_theta_selecting_nothing_or_everything_says_so():
     assert len(everything.selected) == 3 and "full QAT" in str(everything)
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", HEAVY_RESNET)
 def test_saved_bytes_within_the_targets_of_fp32_training(name):
     """Issue 3's memory acceptance: PTQAT (small) <= 1.2x and full QAT <= 1.5x the bytes
     that FP32 training of the original model keeps for backward."""
