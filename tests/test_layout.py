@@ -6,9 +6,12 @@ every pixel or so; a point of an edge strictly inside any box (2 px in from its 
 """
 from __future__ import annotations
 
+import html
+import json
 import math
 import re
 import shutil
+import subprocess
 import xml.etree.ElementTree as ElementTree
 
 import pytest
@@ -166,3 +169,59 @@ def test_barycentre_ordering_untangles_crossed_chains():
     layers = [sorted(pair, key=x.get) for pair in (("a0", "b0"), ("a1", "b1"), ("a2", "b2"))]
     assert sum(_crossings(layers[i], layers[i + 1], edges) for i in range(2)) == 0
     assert _crossings(["a0", "b0"], ["b1", "a1"], edges) == 1  # the listed order did cross
+
+
+_MEASURE = """
+const shapes = [], edges = [];
+for (const group of document.querySelectorAll('g.node')) {
+  const shape = group.querySelector('rect, ellipse, polygon');
+  if (!shape) continue;
+  const box = shape.getBBox(), m = shape.getScreenCTM();
+  shapes.push({kind: shape.tagName === 'ellipse' ? 'ellipse' : 'box', x: box.x + box.width / 2, y: box.y + box.height / 2,
+               w: box.width, h: box.height, left: m.a * (box.x + 5) + m.e, middle: m.d * (box.y + box.height / 2) + m.f,
+               fill: shape.getAttribute('fill')});
+}
+for (const path of document.querySelectorAll('path.edge, g.edge path')) {
+  const length = path.getTotalLength(), points = [];
+  for (let s = 0; s <= length; s += 1) { const p = path.getPointAtLength(s); points.push([p.x, p.y]); }
+  edges.push(points);
+}
+document.getElementById('geometry').textContent = JSON.stringify({shapes, edges});
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graphviz", [False, True], ids=["built-in", "graphviz"])
+def test_headless_chromium_draws_the_boxes_and_edges_where_the_svg_says(drawings, graphviz, tmp_path):
+    """The browser's own geometry (getBBox, getPointAtLength) of the page: boxes where the SVG
+    puts them, no edge point inside a box, and in the screenshot each box filled with its colour."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed")
+    if graphviz and shutil.which("dot") is None:
+        pytest.skip("graphviz (dot) is not installed")
+    svg = render_svg(drawings["resnet-layers"], graphviz=graphviz)
+    page = tmp_path / "graph.html"
+    page.write_text(f'<!DOCTYPE html><html><body style="margin:0">{svg[svg.index("<svg"):]}'
+                    f'<pre id="geometry"></pre><script>{_MEASURE}</script></body></html>')
+    # --no-sandbox: Chromium refuses to start as root without it (CI runs as root).
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=900,1400"]
+    dom = subprocess.run([*command, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    measured = json.loads(html.unescape(re.search(r'<pre id="geometry">(.*?)</pre>', dom, re.S).group(1)))
+    written, _ = shapes_and_edges(svg)
+    assert len(measured["shapes"]) == len(written) == len(drawings["resnet-layers"].nodes)
+    for box, (_, x, y, w, h) in zip(measured["shapes"], written):
+        assert (box["x"], box["y"], box["w"], box["h"]) == pytest.approx((x, y, w, h), abs=0.6)
+    assert len(measured["edges"]) == len(drawings["resnet-layers"].edges)
+    shapes = [(s["kind"], s["x"], s["y"], s["w"], s["h"]) for s in measured["shapes"]]
+    through = [(i, x, y) for i, edge in enumerate(measured["edges"]) for x, y in edge for s in shapes if inside(s, x, y)]
+    assert through == []
+
+    shot = tmp_path / "shot.png"
+    subprocess.run([*command, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    pixels = plt.imread(shot)[..., :3]
+    for box in measured["shapes"]:
+        fill = [int(box["fill"][i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        assert pixels[round(box["middle"]), round(box["left"])] == pytest.approx(fill, abs=0.03), box
