@@ -126,13 +126,17 @@ def calibration_batches(shape: tuple[int, ...], data: Path | None, batches: int)
 def _quantize(
     args: argparse.Namespace, dump_dir: Path | None = None
 ) -> tuple[nn.Module, fx.GraphModule, list[torch.Tensor]]:
+    config, select = _settings(args)  # validated before the model is built or anything printed
     model = load_factory(args.factory)
     shape = parse_shape(args.input_shape)
     data = calibration_batches(shape, args.data, args.batches)
-    config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits)
-    select = Select(strategy=args.strategy, fraction=args.fraction)
     qmodel = quantize(model, (data[0],), data, config, select, dump_dir=dump_dir)
     return model, qmodel, data
+
+
+def _settings(args: argparse.Namespace) -> tuple[QuantConfig, Select]:
+    """The config and selection the arguments ask for; raises ConfigError on bad ones."""
+    return QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits), Select(strategy=args.strategy, fraction=args.fraction)
 
 
 def _print_report(model: nn.Module, qmodel: fx.GraphModule, sample: torch.Tensor, html: Path | None) -> None:
@@ -154,6 +158,7 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    _settings(args)  # a bad --w-bits fails here, before the header names it
     print(f"demo: {_DEMO_FACTORY}, input {_DEMO_SHAPE}, {bits_label(args.w_bits, args.a_bits)}, random calibration data")
     _analyze(args)
 
@@ -202,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--html", type=Path, help="write the HTML report here")
     analyze.set_defaults(run=_analyze)
     dump = _command(commands, "dump", model, "write the graph after every pipeline stage (txt, json, dot, svg)")
-    dump.add_argument("--dir", type=Path, required=True, help="folder for 01_traced.*, 02_..., the last one converted.*")
+    dump.add_argument("--dir", type=Path, required=True, help="folder for the numbered stages as written: 01_traced.* to 08_frozen.*, then 09_converted.*")
     dump.set_defaults(run=_dump)
     return parser
 

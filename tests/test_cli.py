@@ -45,11 +45,16 @@ def test_analyze_calibrates_on_the_given_data_and_writes_html(tmp_path):
     assert (tmp_path / "r.html").read_text().count('<td class="name">') == 3
 
 
-def test_dump_writes_every_stage_and_the_converted_graph(tmp_path):
+def test_dump_writes_every_stage_and_the_converted_graph(tmp_path, capsys):
     result = _run("dump", *MLP, "--dir", str(tmp_path / "d"))
     assert result.returncode == 0, result.stderr
     names = sorted(path.name for path in (tmp_path / "d").glob("*.json"))
     assert names[0] == "01_traced.json" and names[-1] == "09_converted.json"
+    with pytest.raises(SystemExit):
+        main(["dump", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in (names[0], names[-2], names[-1]):  # --help names the files as written
+        assert name.replace(".json", ".*") in help_text
     converted = json.loads((tmp_path / "d" / "09_converted.json").read_text())
     assert [layer["name"] for layer in converted["layers"]] == ["fc1", "fc2", "fc3"]
 
@@ -82,6 +87,12 @@ def test_usage_errors_are_one_line_pointing_to_help(argv, capsys):
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("ptqat-fx") and error.count("\n") == 1 and "--help)" in error
+
+
+def test_demo_validates_the_config_before_printing_anything(capsys):
+    assert main(["demo", "--w-bits", "16"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "ConfigError: QuantConfig.w_bits=16" in err
 
 
 def test_pipeline_errors_exit_1(capsys):

@@ -12,6 +12,7 @@ from ..layer_graph import layer_graph
 from ..layer_spec import layer_specs
 from ..meta import DiscrepancyKey, auto_leaves, bits_label, config, selection
 from .layer_rows import LayerRow, trainable_layer_params
+from .selection_words import selection_words
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Report:
         share = self.trainable_quantizable_params / self.quantizable_params if self.quantizable_params else 0.0
         lines.append("-" * len(header))
         chosen = sum(bool(row.selected) for row in self.rows)
-        rule = f"select={self.select.strategy}" if self.select else "no selection (all trainable)"
+        rule = selection_words(self.select)
         lines.append(
             f"{len(self.rows)} quantizable layers, {chosen} trainable ({rule}); "
             f"trainable layer parameters {self.trainable_quantizable_params:,} / {self.quantizable_params:,} ({share:.1%}); "

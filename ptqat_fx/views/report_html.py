@@ -10,12 +10,12 @@ import base64
 import io
 from html import escape
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..meta import bits_label
 from .dump.drawing import SELECTED, UNSELECTED, layer_drawing
 from .dump.svg import render_svg
+from .selection_words import selection_words
 
 if TYPE_CHECKING:  # report imports this module to write its page
     from .report import Report
@@ -100,7 +100,7 @@ def _summary(report: Report) -> str:
     share = report.trainable_quantizable_params / report.quantizable_params if report.quantizable_params else 0.0
     items = {
         "bits": bits_label(config.w_bits, config.a_bits) if config else "-",
-        "selection": repr(select) if select else "none (every layer trainable)",
+        "selection": selection_words(select, selection_threshold(report)),
         "layers": f"{len(report.rows)} quantizable, {chosen} selected for fine-tuning",
         "layer parameters": f"{report.trainable_quantizable_params:,} trainable / {report.quantizable_params:,} ({share:.1%})",
         "all parameters": f"{report.trainable_params:,} trainable / {report.total_params:,}",

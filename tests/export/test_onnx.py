@@ -127,6 +127,7 @@ def test_unsigned_activations_export_as_uint8(tmp_path):
         assert result.max_abs_error <= 1e-5, runtime
 
 
+@pytest.mark.slow  # about 14 s at load 4: a PTQAT quantization, two exports, two runtimes
 def test_ptqat_model_exports_like_its_fake_quant_form(tmp_path):
     """Fused trainable layers (quantized_linear/conv/matmul) and frozen constants export to the
     same Q/DQ graph as the plain fake-quant model."""

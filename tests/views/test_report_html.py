@@ -36,6 +36,9 @@ def test_page_has_every_layer_row_the_plot_and_the_graph(report, tmp_path):
     assert base64.b64decode(png.group(1)).startswith(b"\x89PNG\r\n\x1a\n")
     assert html.count("<svg") == 1 and "<script>" in html
     assert "src=\"http" not in html and "href=\"http" not in html  # self-contained
+    threshold = selection_threshold(report)
+    assert f"<dd>small-discrepancy half by accumulated relative error, theta {threshold:.3g}</dd>" in html
+    assert "Select(" not in html
 
 
 def test_threshold_separates_selected_from_frozen_layers(report):

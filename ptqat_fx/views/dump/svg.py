@@ -1,9 +1,7 @@
 """SVG for a ``Drawing``: Graphviz ``dot`` when it is installed, else a layout of our own.
 
-The fallback is a plain layered layout: each node sits one row below its lowest input, rows
-are ordered by the mean position of the inputs (a barycentre sweep), edges are curves from
-the bottom of one box to the top of the next. It is less tidy than Graphviz on wide graphs
-but needs nothing beyond the standard library.
+The fallback is ``layout.layered_layout``: a Sugiyama-style layered drawing whose edges run
+in lanes of their own between the boxes, never through them; it needs only networkx.
 """
 from __future__ import annotations
 
@@ -13,8 +11,7 @@ from xml.sax.saxutils import escape
 
 from .dot import render_dot
 from .drawing import Drawing, DrawNode
-
-_CHAR, _LINE, _PAD, _GAP_X, _GAP_Y = 6.2, 13.0, 8.0, 16.0, 34.0
+from .layout import LINE, Box, layered_layout
 
 
 def graphviz_available() -> bool:
@@ -22,88 +19,63 @@ def graphviz_available() -> bool:
     return shutil.which("dot") is not None
 
 
-def _box_size(node: DrawNode) -> tuple[float, float]:
+def _text(box: Box, node: DrawNode) -> str:
     lines = node.label.split("\n")
-    return max(map(len, lines)) * _CHAR + 2 * _PAD, len(lines) * _LINE + _PAD
-
-
-def _rows(drawing: Drawing) -> list[list[str]]:
-    """Node ids by row: one row below the lowest input, ordered by input barycentre."""
-    inputs: dict[str, list[str]] = {node.id: [] for node in drawing.nodes}
-    for source, target in drawing.edges:
-        inputs[target].append(source)
-    depth: dict[str, int] = {}
-    for node in drawing.nodes:
-        depth[node.id] = 1 + max((depth[s] for s in inputs[node.id] if s in depth), default=-1)
-    rows: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
-    for node in drawing.nodes:
-        rows[depth[node.id]].append(node.id)
-    position: dict[str, float] = {}
-    for row in rows:
-        for rank, node_id in enumerate(row):
-            position[node_id] = rank
-        row.sort(key=lambda n: sum(position[s] for s in inputs[n]) / len(inputs[n]) if inputs[n] else position[n])
-        for rank, node_id in enumerate(row):
-            position[node_id] = rank
-    return rows
-
-
-def _text(x: float, y: float, node: DrawNode) -> str:
-    lines = node.label.split("\n")
-    top = y - (len(lines) - 1) * _LINE / 2 + 4
+    top = box.y - (len(lines) - 1) * LINE / 2 + 4
     spans = "".join(
-        f'<tspan x="{x:.1f}" y="{top + i * _LINE:.1f}">{escape(line)}</tspan>' for i, line in enumerate(lines)
+        f'<tspan x="{box.x:.1f}" y="{top + i * LINE:.1f}">{escape(line)}</tspan>' for i, line in enumerate(lines)
     )
     return f'<text text-anchor="middle" font-family="Helvetica,Arial,sans-serif" font-size="10">{spans}</text>'
 
 
-def _shape(x: float, y: float, width: float, height: float, node: DrawNode) -> str:
+def _shape(box: Box, node: DrawNode) -> str:
     if node.shape == "plain":
         return ""
     paint = f'fill="{node.fill}" stroke="{node.border}" stroke-width="{node.width:g}"'
     paint += ' stroke-dasharray="5,3"' if node.dashed else ""
     if node.shape == "ellipse":
-        return f'<ellipse cx="{x:.1f}" cy="{y:.1f}" rx="{width / 2:.1f}" ry="{height / 2:.1f}" {paint}/>'
-    return f'<rect x="{x - width / 2:.1f}" y="{y - height / 2:.1f}" width="{width:.1f}" height="{height:.1f}" rx="3" {paint}/>'
+        return f'<ellipse cx="{box.x:.1f}" cy="{box.y:.1f}" rx="{box.width / 2:.1f}" ry="{box.height / 2:.1f}" {paint}/>'
+    return (
+        f'<rect x="{box.x - box.width / 2:.1f}" y="{box.y - box.height / 2:.1f}" width="{box.width:.1f}" '
+        f'height="{box.height:.1f}" rx="3" {paint}/>'
+    )
+
+
+def _path(points: list[tuple[float, float]]) -> str:
+    """Straight down inside a layer, an S-curve across each gap (its control points share the
+    gap's middle height, so the curve stays inside the gap)."""
+    (x, y), parts = points[0], [f"M{points[0][0]:.1f},{points[0][1]:.1f}"]
+    for i, (x1, y1) in enumerate(points[1:], start=1):
+        if i % 2 == 0:  # points 1->2, 3->4, ... cross a gap between layers
+            middle = (y + y1) / 2
+            parts.append(f"C{x:.1f},{middle:.1f} {x1:.1f},{middle:.1f} {x1:.1f},{y1:.1f}")
+        else:
+            parts.append(f"L{x1:.1f},{y1:.1f}")
+        x, y = x1, y1
+    return " ".join(parts)
 
 
 def layout_svg(drawing: Drawing) -> str:
-    """SVG of ``drawing`` with the built-in layered layout."""
-    nodes = {node.id: node for node in drawing.nodes}
-    sizes = {node.id: _box_size(node) for node in drawing.nodes}
-    rows = _rows(drawing)
-    centres: dict[str, tuple[float, float]] = {}
-    widths = [sum(sizes[n][0] for n in row) + _GAP_X * (len(row) - 1) for row in rows]
-    total_width = max(widths, default=0) + 2 * _GAP_X
-    y = 30.0
-    for row, row_width in zip(rows, widths):
-        height = max(sizes[n][1] for n in row)
-        x = (total_width - row_width) / 2
-        for node_id in row:
-            centres[node_id] = (x + sizes[node_id][0] / 2, y + height / 2)
-            x += sizes[node_id][0] + _GAP_X
-        y += height + _GAP_Y
+    """SVG of ``drawing`` with the built-in layered layout (``layout.layered_layout``)."""
+    geometry = layered_layout(drawing)
+    width, height = geometry.width, geometry.height
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width:.0f}" height="{y:.0f}" '
-        f'viewBox="0 0 {total_width:.0f} {y:.0f}">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" '
         'markerHeight="6" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#888"/></marker></defs>',
-        f'<text x="{total_width / 2:.1f}" y="18" text-anchor="middle" font-family="Helvetica,Arial,sans-serif" '
+        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-family="Helvetica,Arial,sans-serif" '
         f'font-size="13">{escape(drawing.title)}</text>',
     ]
-    for source, target in drawing.edges:
-        (x0, y0), (x1, y1) = centres[source], centres[target]
-        y0 += sizes[source][1] / 2
-        y1 -= sizes[target][1] / 2
-        bend = max((y1 - y0) / 2, 10.0)
+    for route in geometry.edges:
         parts.append(
-            f'<path d="M{x0:.1f},{y0:.1f} C{x0:.1f},{y0 + bend:.1f} {x1:.1f},{y1 - bend:.1f} {x1:.1f},{y1:.1f}" '
-            'fill="none" stroke="#888" stroke-width="1" marker-end="url(#arrow)"/>'
+            f'<path class="edge" d="{_path(route.points)}" fill="none" stroke="#888" stroke-width="1" '
+            'marker-end="url(#arrow)"/>'
         )
-    for node_id, (x, y_centre) in centres.items():
-        node = nodes[node_id]
+    for node in drawing.nodes:
+        box = geometry.boxes[node.id]
         title = f"<title>{escape(node.tooltip or node.id)}</title>"
-        parts.append(f"<g>{title}{_shape(x, y_centre, *sizes[node_id], node)}{_text(x, y_centre, node)}</g>")
+        parts.append(f'<g class="node">{title}{_shape(box, node)}{_text(box, node)}</g>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
