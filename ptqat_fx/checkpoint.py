@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .digest import read_tensors_only
 from .errors import InputError, SerializationError
 
 FORMAT = "ptqat-fx.finetune-checkpoint"
@@ -73,15 +74,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The state written by ``save_checkpoint``; SerializationError when it is not one."""
     path = os.fspath(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise SerializationError(
-            f"{path!r} is not a readable finetune checkpoint (truncated, corrupted, or holding pickled "
-            f"code): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        ) from error
+    state = read_tensors_only(path, "finetune checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SerializationError(f"{path!r} was not written by finetune(checkpoint=...)")
     if state.get("version") != VERSION:

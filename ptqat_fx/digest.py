@@ -8,6 +8,8 @@ comes from ``untrusted`` (no name from a file reaches generated source), not fro
 from __future__ import annotations
 
 import hashlib
+import os
+from typing import Any
 
 import torch
 
@@ -49,3 +51,21 @@ def verify(expected: object, text: str, tensors: dict[str, torch.Tensor], where:
                 f"{where}: tensor {name!r} does not match its SHA-256 digest; the file was edited or "
                 "corrupted: save the model again"
             )
+
+
+def read_tensors_only(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain values, never pickled code.
+
+    Raises:
+        SerializationError: the file is not a readable ``what`` (truncated, corrupted, or holding
+            pickled objects); FileNotFoundError passes through.
+    """
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise SerializationError(
+            f"{os.fspath(path)!r} is not a readable {what} (truncated or corrupted?, or holding pickled "
+            f"code): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error

@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from .config import QuantConfig, Select
-from .digest import digests, verify
+from .digest import digests, read_tensors_only, verify
 from .errors import SerializationError
 from .layer_spec import META_KEY, LayerSpec
 from .quantizer import FakeQuantizer
@@ -254,15 +254,7 @@ def save(qmodel: fx.GraphModule, path: str | os.PathLike) -> None:
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    try:
-        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise SerializationError(
-            f"{os.fspath(path)!r} is not a readable ptqat-fx file (truncated or corrupted?): "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        ) from error
+    payload = read_tensors_only(path, "ptqat-fx file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise SerializationError(f"{os.fspath(path)!r} was not written by ptqat_fx.save")
     version = payload.get("version")

@@ -89,7 +89,8 @@ def _check_source(src: str, nodes: list[fx.Node], globals_: dict[str, Any]) -> N
         raise SerializationError(f"the graph's generated source does not parse ({error}); a name in it was crafted") from error
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef) or tree.body[0].decorator_list:
         raise SerializationError("the graph's generated source holds more than its forward; a name in it was crafted")
-    known = {node.name for node in nodes} | {"self"} | _BUILTINS | set(globals_)
+    placeholders = {node.target for node in nodes if node.op == "placeholder"}  # FX's argument names
+    known = {node.name for node in nodes} | placeholders | {"self"} | _BUILTINS | set(globals_)
     for item in ast.walk(tree):
         if not isinstance(item, _SYNTAX):
             raise SerializationError(f"the graph's generated source holds a {type(item).__name__}; a name in it was crafted")
