@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import fx
 
+from .checks import require_quantized
 from .config import QuantConfig, Select
 from .layer_graph import layer_graph
 from .layer_spec import LayerSpec, layer_specs
@@ -139,6 +140,7 @@ def report(gm: fx.GraphModule, key: str | None = None) -> Report:
         key: the discrepancy to show, ``"<mode>.<metric>"``; by default the one the selection
             ranked by (``accumulated.relative`` unless the Select said otherwise).
     """
+    require_quantized(gm, "report")
     select: Select | None = gm.meta.get("ptqat_select")
     key = key or (f"{select.mode}.{select.metric}" if select else "accumulated.relative")
     rows = [

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer
 
+from ..checks import require_quantized_float32
 from ..errors import CalibrationError, InputError
 from ..frozen_conv import frozen_conv
 from ..layer_spec import META_KEY, layer_nodes, layer_specs
@@ -237,6 +238,7 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.Gr
     Raises:
         CalibrationError: a quantizer was never calibrated.
     """
+    require_quantized_float32(qmodel, "convert")
     require_lowerable(qmodel)
     gm = deployable_layers(copy.deepcopy(qmodel))
     lowering = _Lowering(gm, pack_int4_weights)
