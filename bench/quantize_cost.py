@@ -27,7 +27,7 @@ from torch import nn
 import ptqat_fx
 import ptqat_fx.api as api
 from examples.mlp import MLP
-from ptqat_fx.observer import RangeObserver
+from ptqat_fx.runtime.observer import RangeObserver
 from ptqat_fx.runtime.mse_search import mse_channel_clip
 from tests.zoo.torchvision_zoo import load_torchvision
 

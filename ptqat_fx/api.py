@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from .runtime.attention import unfuse_attention
 from .model_inputs import KeywordBatches, bind_positional
+from .checks import quantize_arguments, warn_about_result
 from .config import QuantConfig, Select
 from .coverage import coverage
 from .views.dump.stages import StageDumper
@@ -105,7 +106,7 @@ def quantize(
     Raises:
         InputError, TraceError, CalibrationError, ConfigError.
     """
-    config = config or QuantConfig()
+    calib_data, config, select = quantize_arguments(calib_data, config, select, example_inputs, example_kwargs)
     working_copy = copy.deepcopy(model)
     _check_example_inputs(working_copy, example_inputs, example_kwargs or {})
     unfuse_attention(working_copy)
@@ -147,4 +148,5 @@ def quantize(
         gm = after("selected", select_layers(gm, select))
         gm = after("frozen", freeze(gm, select.train_other_params))
     gm.train(model.training)
+    warn_about_result(model, gm, config, select)
     return gm

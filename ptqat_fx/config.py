@@ -125,6 +125,10 @@ class Select:
             raise ConfigError(
                 f"Select.strategy={self.strategy!r}: unknown strategy; choose one of {tuple(STRATEGIES)}"
             )
+        for name in ("fraction", "theta", "param_budget"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"Select.{name}={value!r}: must be a number (or None), e.g. {name}=0.5")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ConfigError(f"Select.fraction={self.fraction!r}: must be in (0, 1]")
         if self.theta is not None and not self.theta >= 0:

@@ -24,3 +24,7 @@ class InputError(PTQATError, ValueError):
 
 class SerializationError(PTQATError):
     """A model cannot be saved without code, or a saved file is corrupted, truncated or foreign."""
+
+
+class NonFiniteError(PTQATError, FloatingPointError):
+    """Training met a non-finite loss, gradient or parameter; the message names the step and batch."""

@@ -1,7 +1,9 @@
 """``save`` / ``load``: a quantized GraphModule as tensors plus a JSON graph description.
 
-The file is ``torch.save({"format", "version", "description", "tensors"})``, read back with
-``torch.load(weights_only=True)``: no pickled code. The description lists the modules (torch.nn
+The file is ``torch.save({"format", "version", "description", "tensors", "digest"})``, read back
+with ``torch.load(weights_only=True)``: no pickled code. ``digest`` holds the SHA-256 of the
+description and of every tensor, checked before anything is built (``digest.verify``): an edited
+or corrupted file is refused with the part that failed named. The description lists the modules (torch.nn
 classes and ``FakeQuantizer``, rebuilt from their constructor arguments), every parameter,
 buffer and tensor attribute (with ``requires_grad`` and persistence), the graph's nodes, and
 the metadata the passes keep (``LayerSpec`` with its selection, ``QuantConfig``...).
@@ -11,7 +13,9 @@ functions resolve only through an allow-list of torch functions, ``torch.nn.func
 ``operator``, ``math`` and ptqat-fx's own graph functions (``frozen_conv``,
 ``quantized_linear``...); methods and attributes are checked against Tensor's public API;
 module classes only come from ``torch.nn`` (plus ``FakeQuantizer``); and every name that
-reaches FX's generated source (placeholders, methods, keyword names) must be an identifier.
+reaches FX's generated source (node names, placeholders, module and attribute paths, methods,
+keyword names, metadata paths) must be an identifier or a dotted path of them; and the loaded
+graph's code generator refuses any source but the graph's own (``untrusted.CheckedCodeGen``).
 Graphs calling anything else (a user's wrapped function, an ``autograd.Function`` node) are
 refused at ``save`` with the node named.
 """
@@ -21,70 +25,30 @@ import builtins
 import dataclasses
 import inspect
 import json
-import keyword
-import math
-import operator
 import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .config import QuantConfig, Select
+from .digest import digests, read_tensors_only, verify
 from .errors import SerializationError
-from .layer_kinds import graph_functions
 from .layer_spec import LayerSpec
+from .meta import FOLDED_BN, FROZEN, LAYER
 from .runtime.quantizer import FakeQuantizer
+from .untrusted import FUNCTIONS, CheckedCodeGen, check_name, check_path, check_strings, function_name
 
 FORMAT = "ptqat-fx.graph"
-VERSION = 1
+# 2: a SHA-256 digest of the description and of every tensor (1 had none).
+VERSION = 2
 _CONTAINERS = {cls.__name__: cls for cls in (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)}
 _DATACLASSES = {cls.__name__: cls for cls in (LayerSpec, QuantConfig, Select)}
 _GETATTR_NAMES = {"shape", "dtype", "device", "ndim", "T", "mT", "layout", "is_cuda", "requires_grad"}
 # Tensor methods that reach storage, files or callbacks.
 _DENIED_METHODS = {"storage", "untyped_storage", "share_memory_", "register_hook", "apply_", "map_",
                    "map2_", "register_post_accumulate_grad_hook", "set_", "backward"}
-_DENIED_OPERATORS = {"attrgetter", "itemgetter", "methodcaller", "call"}
-
-
-def _allowed_functions() -> dict[str, Any]:
-    names: dict[str, Any] = {"builtins.getattr": builtins.getattr, "torch._assert": torch._assert}
-    for name in dir(torch._C._VariableFunctions):
-        if not name.startswith("_") and name != "from_file" and hasattr(torch, name):
-            names[f"torch.{name}"] = getattr(torch, name)
-    for name in torch.functional.__all__:
-        names[f"torch.{name}"] = getattr(torch, name)
-    for name in dir(torch._C._nn):
-        if not name.startswith("_"):
-            names[f"torch._C._nn.{name}"] = getattr(torch._C._nn, name)
-    for name in dir(F):
-        value = getattr(F, name)
-        if not name.startswith("_") and callable(value) and getattr(value, "__module__", "") == F.__name__:
-            names[f"torch.nn.functional.{name}"] = value
-    for module in (operator, math):
-        for name in dir(module):
-            if not name.startswith("_") and name not in _DENIED_OPERATORS and callable(getattr(module, name)):
-                names[f"{module.__name__}.{name}"] = getattr(module, name)
-    # ptqat-fx's own graph functions (what freeze puts in graphs).
-    for function in graph_functions():
-        names[f"{function.__module__}.{function.__name__}"] = function
-    return names
-
-
-_FUNCTIONS = _allowed_functions()
-_FUNCTION_NAMES = {id(function): name for name, function in reversed(list(_FUNCTIONS.items()))}
-
-
-def _function_name(target: Any) -> str | None:
-    """The allow-list name of ``target``, or None when it is not allowed."""
-    return _FUNCTION_NAMES.get(id(target))
-
-
-def _check_identifier(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise SerializationError(f"{what} {name!r} is not a Python identifier; the file is corrupt or crafted")
-    return name
+_NODE_META_KEYS = {FROZEN, FOLDED_BN}  # ptqat-fx's node metadata without the ptqat_ prefix
 
 
 def _encode(value: Any, where: str) -> Any:
@@ -108,8 +72,8 @@ def _encode(value: Any, where: str) -> Any:
             return {kind.__name__: str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
         return {"device": str(value)}
-    if callable(value) and _function_name(value) is not None:
-        return {"function": _function_name(value)}
+    if callable(value) and function_name(value) is not None:
+        return {"function": function_name(value)}
     if dataclasses.is_dataclass(value) and type(value).__name__ in _DATACLASSES:
         fields = {f.name: _encode(getattr(value, f.name), where) for f in dataclasses.fields(value)}
         return {"dataclass": type(value).__name__, "fields": fields}
@@ -137,16 +101,16 @@ def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
     if tag == "ellipsis":
         return Ellipsis
     if tag in ("dtype", "memory_format", "layout"):
-        result = getattr(torch, str(payload), None)
+        result = getattr(torch, check_name(payload, f"torch.{tag}"), None)
         if type(result).__name__ != tag:
             raise SerializationError(f"unknown torch.{tag} {payload!r}")
         return result
     if tag == "device":
         return torch.device(payload)
-    if tag == "function" and payload in _FUNCTIONS:
-        return _FUNCTIONS[payload]
+    if tag == "function" and payload in FUNCTIONS:
+        return FUNCTIONS[payload]
     if tag == "dataclass" and payload in _DATACLASSES:
-        fields = {k: _decode(v, env) for k, v in value["fields"].items()}
+        fields = {check_name(k, f"{payload} field"): _decode(v, env) for k, v in value["fields"].items()}
         return _DATACLASSES[payload](**fields)
     raise SerializationError(f"unreadable value tagged {tag!r}; the file is corrupt")
 
@@ -180,6 +144,7 @@ def _module_arguments(module: nn.Module, path: str) -> dict[str, Any]:
 
 
 def _construct(class_name: str, arguments: dict[str, Any], path: str) -> nn.Module:
+    check_name(class_name, f"module {path!r}: class")
     if class_name == FakeQuantizer.__name__:
         cls = FakeQuantizer
     elif class_name in _CONTAINERS:
@@ -248,7 +213,7 @@ def _describe_node(node: fx.Node) -> dict[str, Any]:
     where = f"node {node.name!r}"
     target = node.target
     if node.op == "call_function":
-        name = _function_name(target)
+        name = function_name(target)
         if name is None:
             raise SerializationError(
                 f"{where} calls {getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)!r}, "
@@ -284,24 +249,29 @@ def save(qmodel: fx.GraphModule, path: str | os.PathLike) -> None:
             continue
     description = {"class_name": type(qmodel).__name__, "training": qmodel.training, "modules": modules,
                    "tensors": entries, "nodes": [_describe_node(n) for n in qmodel.graph.nodes], "meta": meta}
-    torch.save({"format": FORMAT, "version": VERSION, "description": json.dumps(description),
-                "tensors": tensors}, os.fspath(path))
+    text = json.dumps(description)
+    torch.save({"format": FORMAT, "version": VERSION, "description": text, "tensors": tensors,
+                "digest": digests(text, tensors)}, os.fspath(path))
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    try:
-        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise SerializationError(
-            f"{os.fspath(path)!r} is not a readable ptqat-fx file (truncated or corrupted?): "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        ) from error
+    payload = read_tensors_only(path, "ptqat-fx file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise SerializationError(f"{os.fspath(path)!r} was not written by ptqat_fx.save")
-    if payload.get("version") != VERSION:
-        raise SerializationError(f"{os.fspath(path)!r} has format version {payload.get('version')!r}; this ptqat-fx reads {VERSION}")
+    version = payload.get("version")
+    if isinstance(version, int) and version > VERSION:
+        raise SerializationError(
+            f"{os.fspath(path)!r} has format version {version}, written by a newer ptqat-fx; this one reads "
+            f"version {VERSION}: upgrade ptqat-fx to load it"
+        )
+    if version != VERSION:
+        raise SerializationError(
+            f"{os.fspath(path)!r} has format version {version!r}; this ptqat-fx reads version {VERSION} "
+            "(version 1 files carry no integrity digest): save the model again with this ptqat-fx"
+        )
+    if not isinstance(payload.get("description"), str) or not isinstance(payload.get("tensors"), dict):
+        raise SerializationError(f"{os.fspath(path)!r}: no graph description or tensors; the file is corrupt")
+    verify(payload.get("digest"), payload["description"], payload["tensors"], repr(os.fspath(path)))
     try:
         return json.loads(payload["description"]), payload["tensors"]
     except (KeyError, TypeError, ValueError) as error:
@@ -310,40 +280,68 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 def _check_target(target: Any, allowed: set[str], node: str) -> str:
     if not isinstance(target, str) or target not in allowed:
-        raise SerializationError(f"node {node!r}: target {target!r} is not a saved module or tensor; the file is corrupt")
+        raise SerializationError(f"node {node!r}: target {str(target)[:80]!r} is not a saved module or tensor; the file is corrupt")
     return target
 
 
+def _node_meta(spec: dict[str, Any], node: str) -> dict[str, Any]:
+    """The ptqat-fx metadata of a node, every string in it checked to be a plain dotted path.
+
+    Only ptqat-fx's own keys are restored (FX's ``stack_trace`` and the like would reach the
+    generated source as comments); passes later build nodes from these paths (``convert``).
+    """
+    meta = {}
+    for key, value in spec.items():
+        if not (key.startswith("ptqat_") or key in _NODE_META_KEYS):
+            continue
+        value = _decode(value, {})
+        if key == LAYER:
+            if not isinstance(value, LayerSpec):
+                raise SerializationError(f"node {node!r}: {LAYER} is not a LayerSpec; the file is corrupt")
+            # The name may carry "#k" (k-th call); the paths are what passes turn into nodes.
+            check_strings([value.kind, value.module_path, value.weight, value.bias, value.weight_quantizer,
+                            *value.input_quantizers], f"node {node!r}: LayerSpec")
+        else:
+            check_strings(value, f"node {node!r}: meta {key!r}")
+        meta[key] = value
+    return meta
+
+
 def _rebuild_graph(nodes: list[dict[str, Any]], modules: set[str], attributes: set[str]) -> fx.Graph:
+    """The graph, built node by node through ``fx.Graph.create_node``; every name is checked, and
+    the graph's code generator (``CheckedCodeGen``) refuses any source but the graph's own."""
     graph = fx.Graph()
+    graph.set_codegen(CheckedCodeGen())
     env: dict[str, fx.Node] = {}
     for spec in nodes:
-        op, target, name = spec["op"], spec["target"], spec["name"]
+        op, target, name = spec["op"], spec["target"], check_name(spec["name"], "node name")
         if op == "placeholder":
-            _check_identifier(target, "placeholder")
+            check_name(target, "placeholder")
         elif op == "call_function":
-            if not isinstance(target, str) or target not in _FUNCTIONS:
-                raise SerializationError(f"node {name!r} calls {target!r}, which is not an allowed function")
-            target = _FUNCTIONS[target]
+            if not isinstance(target, str) or target not in FUNCTIONS:
+                raise SerializationError(f"node {name!r} calls {str(target)[:80]!r}, which is not an allowed function")
+            target = FUNCTIONS[target]
         elif op == "call_method":
-            if _check_identifier(target, "method").startswith("_") or target in _DENIED_METHODS or not hasattr(torch.Tensor, target):
+            if check_name(target, "method").startswith("_") or target in _DENIED_METHODS or not hasattr(torch.Tensor, target):
                 raise SerializationError(f"node {name!r}: method {target!r} is not an allowed Tensor method")
         elif op == "call_module":
-            _check_target(target, modules, name)
+            _check_target(check_path(target, "module path"), modules, name)
         elif op == "get_attr":
-            _check_target(target, attributes | modules, name)
+            _check_target(check_path(target, "attribute target"), attributes | modules, name)
         elif op != "output":
-            raise SerializationError(f"node {name!r}: unknown op {op!r}; the file is corrupt")
+            raise SerializationError(f"node {name!r}: unknown op {str(op)[:80]!r}; the file is corrupt")
         args, kwargs = _decode(spec["args"], env), _decode(spec["kwargs"], env)
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise SerializationError(f"node {name!r}: malformed arguments; the file is corrupt")
         for key in kwargs:
-            _check_identifier(key, f"node {name!r}: keyword")
+            check_name(key, f"node {name!r}: keyword")
         if target is builtins.getattr and (len(args) != 2 or args[1] not in _GETATTR_NAMES):
             raise SerializationError(f"node {name!r}: getattr of {args[1:]!r} is not allowed")
         node = graph.create_node(op, target, args, kwargs, name=name,
                                  type_expr=torch.Tensor if spec.get("tensor_type") else None)
-        node.meta.update({key: _decode(value, {}) for key, value in spec["meta"].items()})
+        if node.name != name:  # FX renamed it: a duplicate, or a name that shadows a global
+            raise SerializationError(f"node name {name!r} is taken or reserved; the file is corrupt or crafted")
+        node.meta.update(_node_meta(spec["meta"], name))
         env[name] = node
     graph.lint()
     return graph
@@ -353,15 +351,20 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     """Read a model written by ``save``: same graph, tensors (bit-identical), ``requires_grad``
     flags, train/eval modes, quantizer modes and metadata (``LayerSpec.selected``...).
 
+    Nothing from the file is evaluated: the digests are checked first, every name and path is
+    checked (``untrusted.check_name`` / ``check_path``), modules and call targets come from
+    allow-lists, and the graph's code generator refuses any source but the graph's own.
+
     Raises:
-        SerializationError: the file is truncated, corrupted, of another format or version,
-            or names something outside the allow-lists.
+        SerializationError: the file is truncated, corrupted or edited (names what failed), of
+            another format or version, or names something outside the allow-lists.
     """
     description, tensors = _read(path)
     try:
-        class_name = _check_identifier(description["class_name"], "class name")
+        class_name = check_name(description["class_name"], "class name")
         gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=class_name)
         for spec in description["modules"]:
+            check_path(spec["path"], "module path")
             module = _build_module(spec["class"], _decode(spec["arguments"], {}), spec["path"])
             module.train(spec["training"])
             if "mode" in spec:
@@ -369,7 +372,7 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
             parent, _, leaf = spec["path"].rpartition(".")
             gm.get_submodule(parent).add_module(leaf, module)
         for entry in description["tensors"]:
-            owner, _, leaf = entry["path"].rpartition(".")
+            owner, _, leaf = check_path(entry["path"], "tensor path").rpartition(".")
             module = gm.get_submodule(owner)
             tensor = None if entry["none"] else tensors[entry["path"]]
             if entry["kind"] == "parameter":
@@ -380,10 +383,10 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
                 setattr(module, leaf, tensor.requires_grad_(entry["requires_grad"]))
         modules = {spec["path"] for spec in description["modules"]}
         gm.graph = _rebuild_graph(description["nodes"], modules, {e["path"] for e in description["tensors"]})
-        gm.meta.update({key: _decode(value, {}) for key, value in description["meta"].items()})
+        gm.meta.update({check_name(key, "meta key"): _decode(value, {}) for key, value in description["meta"].items()})
         gm.training = description["training"]
     except SerializationError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise SerializationError(f"{os.fspath(path)!r}: inconsistent graph description ({type(error).__name__}: {error})") from error
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+        raise SerializationError(f"{os.fspath(path)!r}: inconsistent graph description ({type(error).__name__}: {str(error)[:200]})") from error
     return gm

@@ -9,6 +9,7 @@ from torch import nn
 
 import ptqat_fx
 from ptqat_fx.meta import config
+from ptqat_fx.digest import digests
 from ptqat_fx.layer_spec import layer_specs
 from ptqat_fx.runtime.quantizer import quantizers
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
@@ -82,6 +83,7 @@ def _crafted(tmp_path, edit):
     description = json.loads(payload["description"])
     edit(description)
     payload["description"] = json.dumps(description)
+    payload["digest"] = digests(payload["description"], payload["tensors"])  # as an attacker would
     torch.save(payload, tmp_path / "crafted")
     return tmp_path / "crafted"
 
@@ -90,10 +92,10 @@ def _crafted(tmp_path, edit):
     "edit,message",
     [
         (lambda d: d["nodes"][1].update(op="call_function", target="os.system"), "not an allowed function"),
-        (lambda d: d["nodes"][1].update(op="call_method", target="__reduce__"), "not an allowed Tensor method"),
+        (lambda d: d["nodes"][1].update(op="call_method", target="__reduce__"), "not a Python identifier"),
         (lambda d: d["nodes"][0].update(target="x=__import__('os')"), "not a Python identifier"),
-        (lambda d: d["modules"][0].update({"class": "Module.__subclasses__"}), "not a torch.nn module class"),
-        (lambda d: next(n for n in d["nodes"] if n["op"] == "get_attr").update(target="fc1.__class__"), "not a saved"),
+        (lambda d: d["modules"][0].update({"class": "Module.__subclasses__"}), "not a Python identifier"),
+        (lambda d: next(n for n in d["nodes"] if n["op"] == "get_attr").update(target="fc1.__class__"), "not a Python identifier"),
     ],
     ids=["function", "dunder-method", "placeholder", "module-class", "attribute"],
 )

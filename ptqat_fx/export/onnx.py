@@ -31,6 +31,7 @@ import torch
 from onnx import TensorProto, defs, helper, numpy_helper
 from torch import fx
 
+from ..checks import require_quantized_float32
 from ..errors import InputError
 from ..lowering import IntegerWeight, deployable_layers, integer_weight, require_lowerable
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
@@ -220,6 +221,7 @@ def export_onnx(
         InputError: ``opset`` too old for the model's bit widths (the message names it), or
             activations of a bit width ONNX Q/DQ cannot express.
     """
+    require_quantized_float32(qmodel, "export_onnx")
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(example_inputs, tuple):
         raise InputError(f"example_inputs must be a tuple of the model's inputs, got {type(example_inputs).__name__}")

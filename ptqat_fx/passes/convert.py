@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer
 
+from ..checks import require_quantized_float32
 from ..lowering import (
     IntegerWeight, deployable_layers, integer_weight, pack_int4, quantize_dequantize, require_lowerable, set_buffer,
     unpack_int4,
@@ -96,6 +97,7 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.Gr
     Raises:
         CalibrationError: a quantizer was never calibrated.
     """
+    require_quantized_float32(qmodel, "convert")
     require_lowerable(qmodel)
     gm = deployable_layers(copy.deepcopy(qmodel))
     lowering = _Lowering(gm, pack_int4_weights)

@@ -17,10 +17,11 @@ step-size gradients are rescaled for that: see ``_distributed``).
 from __future__ import annotations
 
 import inspect
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -32,16 +33,24 @@ from ..errors import ConfigError, InputError
 from ..progress import progress_bar
 from ..meta import num_inputs
 from ..runtime.quantizer import quantizers, step_sizes
+from .checkpoint import Position, batches_from, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checks import require_quantized
+from ..errors import NonFiniteError
 
+# Learned LSQ step sizes are clamped to at least this after every optimizer step: a large
+# learning rate must not make a step zero or negative (which would flip or collapse the grid).
+MIN_STEP_SIZE = 1e-8
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 
 
 @dataclass
 class History:
-    """What a ``finetune`` run did: the loss of every step, wall time, and the peak CUDA
-    memory allocated during training (None on other devices)."""
+    """What a ``finetune`` run did: the loss of every optimizer step, the indices of the batches
+    skipped as non-finite (``on_nonfinite="skip"``), wall time, and the peak CUDA memory
+    allocated during training (None on other devices)."""
 
     loss: list[float] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
     seconds: float = 0.0
     peak_memory_bytes: int | None = None
 
@@ -126,21 +135,73 @@ def _amp_dtype(amp: str | torch.dtype | None) -> torch.dtype | None:
     return _AMP_DTYPES[amp]
 
 
-def _steps(data: Iterable[Any], epochs: int, steps: int | None) -> Iterator[tuple[int, Any]]:
-    """(index, batch) for ``epochs`` passes, or for exactly ``steps`` batches, cycling the data."""
-    index = 0
-    for _ in range(epochs if steps is None else steps):
-        empty = True
-        for batch in data:
-            empty = False
-            if steps is not None and index >= steps:
-                return
-            yield index, batch
-            index += 1
-        if empty:
-            raise InputError("the data yielded no batch; pass a non-empty iterable of batches")
-        if steps is not None and index >= steps:
-            return
+def _targets(batch: Any, arity: int, index: int) -> tuple:
+    """The items of batch ``index`` after the model inputs: what ``loss(outputs, *targets)`` takes."""
+    if isinstance(batch, (tuple, list)) and len(batch) > arity:
+        return tuple(batch[arity:])
+    raise InputError(
+        f"batch {index} holds only the model input(s), but loss(outputs, targets) needs targets after "
+        f"them: yield (inputs..., targets), or pass loss_takes='batch' for loss(outputs, batch)"
+    )
+
+
+def _nonfinite(value: torch.Tensor, params: list[nn.Parameter], names: dict[int, str], grads: bool) -> str | None:
+    """What is not finite: the loss, or (``grads``) the first non-finite gradient; None when all are."""
+    if not torch.isfinite(value.detach()).all():
+        return f"the loss is {value.item()}"
+    if grads:
+        with_grad = [p for p in params if p.grad is not None]
+        if with_grad and not torch.stack([p.grad.isfinite().all() for p in with_grad]).all():
+            culprit = next(p for p in with_grad if not p.grad.isfinite().all())
+            return f"the gradient of {names[id(culprit)]!r} is not finite"
+    return None
+
+
+def _checked_step(opt: torch.optim.Optimizer, scaler: Any, params: list[nn.Parameter], scales: list[nn.Parameter],
+                  names: dict[int, str]) -> str | None:
+    """``opt.step()``, then step sizes clamped to ``MIN_STEP_SIZE``; a step that makes a parameter
+    non-finite (a finite but huge update) is undone, and what went wrong is returned."""
+    before = [p.detach().clone() for p in params]
+    scaler.step(opt)
+    scaler.update()
+    with torch.no_grad():
+        for scale in scales:
+            scale.clamp_(min=MIN_STEP_SIZE)
+        if torch.stack([p.isfinite().all() for p in params]).all():
+            return None
+        culprit = next(p for p in params if not p.isfinite().all())
+        for p, old in zip(params, before):
+            p.copy_(old)
+    return f"the optimizer step made {names[id(culprit)]!r} non-finite (undone)"
+
+
+def _resume(path: str | os.PathLike, qmodel: nn.Module, opt: torch.optim.Optimizer, scaler: Any, schedule: Any,
+            run: dict[str, Any], history: History) -> Position:
+    state = load_checkpoint(path)
+    if state["run"] != run:
+        raise ConfigError(
+            f"resume={os.fspath(path)!r} was written by a run with {state['run']}, not {run}: resume with "
+            "the same epochs, steps and trainable parameters"
+        )
+    qmodel.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if schedule is not None:
+        schedule.load_state_dict(state["schedule"])
+    history.loss, history.skipped = list(state["history"]["loss"]), list(state["history"]["skipped"])
+    set_rng_state(state["rng"])
+    return Position(**state["position"])
+
+
+def _save(path: str | os.PathLike, qmodel: nn.Module, opt: torch.optim.Optimizer, scaler: Any, schedule: Any,
+          run: dict[str, Any], history: History, position: Position) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    save_checkpoint(path, {
+        "model": qmodel.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+        "schedule": None if schedule is None else schedule.state_dict(), "rng": rng_state(), "run": run,
+        "history": {"loss": history.loss, "skipped": history.skipped}, "position": vars(position),
+    })
 
 
 def _distributed(model: nn.Module, device: torch.device, hooks: list) -> nn.Module:
@@ -169,53 +230,88 @@ def finetune(
     qmodel: nn.Module,
     data: Iterable[Any],
     *,
-    loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    loss: Callable[..., torch.Tensor] | None = None,
+    loss_takes: Literal["targets", "batch"] = "targets",
     teacher: nn.Module | None = None,
     epochs: int = 1,
     steps: int | None = None,
     lr: float = 1e-4,
     scale_lr: float | None = None,
     optimizer: torch.optim.Optimizer | Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None,
+    schedule: Callable[[torch.optim.Optimizer], Any] | None = None,
     amp: str | torch.dtype | None = None,
     compile: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
     inputs: int | None = None,
+    on_nonfinite: Literal["raise", "skip"] = "raise",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | os.PathLike | None = None,
 ) -> History:
     """Fine-tune the trainable parameters of ``qmodel`` in place; returns a ``History``.
 
     Args:
-        qmodel: a model from ``ptqat_fx.quantize`` (or any module with trainable parameters,
-            given ``inputs``).
+        qmodel: a model from ``ptqat_fx.quantize`` (or ``load``).
         data: iterable of batches: tensors, or tuples whose first ``inputs`` items are the model
-            inputs (labels after them reach ``loss`` through the batch). Under torchrun, each
-            rank's own shard.
-        loss: ``(outputs, batch) -> scalar``; batch is as the data yielded it, on ``device``.
+            inputs and the rest the targets. Under torchrun, each rank's own shard. A one-shot
+            iterator (a generator) is read once: ``epochs > 1`` is refused.
+        loss: a criterion ``loss(outputs, *targets) -> scalar`` (``nn.CrossEntropyLoss()`` on an
+            ``(x, y)`` loader), the targets being the batch items after the inputs; with
+            ``loss_takes="batch"``, ``loss(outputs, batch)`` with the batch as the data yielded it.
         teacher: the float model; without ``loss``, the loss is the MSE between ``qmodel``'s
             and the teacher's outputs (nested tuples/dicts allowed), the teacher in eval mode.
         epochs: passes over ``data``; ignored when ``steps`` is given.
-        steps: exactly this many optimizer steps, cycling through ``data``.
+        steps: exactly this many batches, cycling through ``data``.
         lr: learning rate of weights and biases (and of step sizes unless ``scale_lr``).
         scale_lr: learning rate of the LSQ step sizes.
         optimizer: an optimizer over the trainable parameters, or a callable building one
             from the parameter groups (which carry ``lr`` and ``scale_lr``); Adam by default.
-        amp: ``"bf16"`` or ``"fp16"`` autocast (fp16 with a gradient scaler), or None.
+        schedule: a callable building an LR scheduler from the optimizer, stepped after every
+            optimizer step (``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)``).
+        amp: ``"bf16"`` or ``"fp16"`` autocast (fp16 with a gradient scaler, which itself skips
+            steps whose scaled gradients overflow), or None.
         compile: train through ``torch.compile`` of the (DDP-wrapped) model.
         device: where to train; the device of ``qmodel``'s parameters by default. ``qmodel``
             and ``teacher`` are moved there.
-        progress: tqdm bar with the loss.
-        inputs: number of positional model inputs in a batch; read from ``qmodel.meta`` when
-            ``quantize`` made it.
+        progress: tqdm bar with the loss (its total is known for ``steps`` or a sized ``data``).
+        inputs: number of positional model inputs in a batch; read from ``qmodel.meta``.
+        on_nonfinite: ``"raise"``: a non-finite loss or gradient (checked before the optimizer
+            step) or parameter (checked after it; the step is undone) raises ``NonFiniteError``
+            naming the step and batch, with the model at its last finite state; ``"skip"``:
+            such a step changes nothing, and its index is recorded in ``History.skipped``.
+        checkpoint / checkpoint_every: write a checkpoint (``checkpoint.py``) to this path every
+            ``checkpoint_every`` batches and at the end.
+        resume: continue the run whose checkpoint is at this path, with the same ``qmodel``,
+            data and arguments; the result is the one the uninterrupted run reaches.
+
+    LSQ step sizes are clamped to at least ``MIN_STEP_SIZE`` after every optimizer step, so a
+    large learning rate cannot make them zero or negative.
 
     Raises:
-        InputError: nothing trainable, a batch of the wrong structure (names the batch), a
-            teacher whose outputs differ in structure (names the path).
-        ConfigError: neither or both of ``loss`` and ``teacher``, bad ``amp`` or ``optimizer``.
+        InputError: a model ``quantize`` did not make, nothing trainable, a batch of the wrong
+            structure (names the batch), a teacher whose outputs differ in structure.
+        ConfigError: neither or both of ``loss`` and ``teacher``; bad ``amp``, ``optimizer``,
+            ``loss_takes``, ``on_nonfinite`` or checkpoint arguments; a one-shot iterator with
+            ``epochs > 1``; a checkpoint from another run.
+        NonFiniteError: see ``on_nonfinite``.
+        SerializationError: ``resume`` is not a readable checkpoint.
     """
+    if inputs is None:
+        require_quantized(qmodel, "finetune")
     if (loss is None) == (teacher is None):
-        raise ConfigError("finetune needs exactly one of loss=(outputs, batch) -> loss and teacher=<float model>")
+        raise ConfigError("finetune needs exactly one of loss=(outputs, targets) -> loss and teacher=<float model>")
+    if loss_takes not in ("targets", "batch") or on_nonfinite not in ("raise", "skip"):
+        raise ConfigError(f"loss_takes={loss_takes!r}, on_nonfinite={on_nonfinite!r}: use 'targets' or 'batch', and 'raise' or 'skip'")
     if epochs < 1 or (steps is not None and steps < 1):
         raise ConfigError(f"epochs={epochs}, steps={steps}: both must be >= 1 (steps may be None)")
+    if isinstance(data, Iterator) and steps is None and epochs > 1:
+        raise ConfigError(
+            f"data is a one-shot {type(data).__name__}, which cannot be read for epochs={epochs}: pass a list "
+            "or a DataLoader, or use steps=<number of batches> with epochs=1"
+        )
+    if (checkpoint is None) != (checkpoint_every is None) or (checkpoint_every is not None and checkpoint_every < 1):
+        raise ConfigError(f"checkpoint={checkpoint!r}, checkpoint_every={checkpoint_every!r}: give both, every >= 1")
     arity = _num_inputs(qmodel, inputs)
     amp_dtype = _amp_dtype(amp)
     groups = _param_groups(qmodel, lr, scale_lr)
@@ -225,19 +321,27 @@ def finetune(
         teacher_was_training = teacher.training
         teacher.to(device).eval()
     opt = _build_optimizer(optimizer, groups, lr)
+    lr_schedule = schedule(opt) if schedule is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    names = {id(p): name for name, p in qmodel.named_parameters()}
+    params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+    scales = [p for group in groups if group["name"] == "scales" for p in group["params"]]
+    run = {"epochs": epochs, "steps": steps, "trainable": [names[id(p)] for p in params]}
+    history = History()
+    position = _resume(resume, qmodel, opt, scaler, lr_schedule, run, history) if resume is not None else Position()
     was_training = qmodel.training
     hooks: list = []
     train_model = _distributed(qmodel.train(), device, hooks)
     if compile:
         train_model = torch.compile(train_model)
-    history = History()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    bar = progress_bar(_steps(data, epochs, steps), "finetune", progress, total=steps)
+    total = steps if steps is not None else len(data) * epochs if isinstance(data, Sized) else None
+    bar = progress_bar(batches_from(data, epochs, steps, position), "finetune", progress, total=total, initial=position.step)
     try:
-        for index, batch in bar:
+        for batch in bar:
+            index = position.step
             batch = _to_device(batch, device)
             args = _batch_inputs(batch, arity, index)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -246,14 +350,35 @@ def finetune(
                     with torch.no_grad():
                         target = teacher(*args)
                     value = distillation_loss(outputs, target)
-                else:
+                elif loss_takes == "batch":
                     value = loss(outputs, batch)
+                else:
+                    value = loss(outputs, *_targets(batch, arity, index))
             opt.zero_grad(set_to_none=True)
             scaler.scale(value).backward()
-            scaler.step(opt)
-            scaler.update()
-            history.loss.append(value.item())
-            bar.set_postfix(loss=f"{history.loss[-1]:.4g}", refresh=False)
+            problem = _nonfinite(value, params, names, grads=not scaler.is_enabled())
+            if problem is None:
+                problem = _checked_step(opt, scaler, params, scales, names)
+            if problem is not None:
+                opt.zero_grad(set_to_none=True)
+                if on_nonfinite == "raise":
+                    raise NonFiniteError(
+                        f"finetune step {index} (batch {position.offset} of epoch {position.epoch}): {problem}; "
+                        f"the model is left as it was after step {index - 1}. Check that batch, lower lr, or "
+                        "pass on_nonfinite='skip' to skip such steps"
+                    )
+                history.skipped.append(index)
+            else:
+                if lr_schedule is not None:
+                    lr_schedule.step()
+                history.loss.append(value.item())
+                bar.set_postfix(loss=f"{history.loss[-1]:.4g}", refresh=False)
+            position.step += 1
+            position.offset += 1
+            if checkpoint is not None and position.step % checkpoint_every == 0:
+                _save(checkpoint, qmodel, opt, scaler, lr_schedule, run, history, position)
+        if checkpoint is not None and position.step % checkpoint_every:
+            _save(checkpoint, qmodel, opt, scaler, lr_schedule, run, history, position)
     finally:
         for hook in hooks:
             hook.remove()

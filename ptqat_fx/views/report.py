@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import fx
 
+from ..checks import require_quantized
 from ..config import QuantConfig, Select
 from ..layer_graph import layer_graph
 from ..layer_spec import layer_specs
@@ -115,6 +116,7 @@ def report(gm: fx.GraphModule, key: str | None = None) -> Report:
         key: the discrepancy to show, ``"<mode>.<metric>"``; by default the one the selection
             ranked by (``accumulated.relative`` unless the Select said otherwise).
     """
+    require_quantized(gm, "report")
     select: Select | None = selection(gm)
     key = key or str(DiscrepancyKey.of(select))
     rows = [

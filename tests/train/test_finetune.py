@@ -79,7 +79,7 @@ def test_loss_callable_sees_labels_and_nested_teacher_outputs():
 
     with torch.no_grad():
         expected = F.cross_entropy(copy.deepcopy(qmodel).train()(x)["a"], labels)
-    history = ptqat_fx.finetune(qmodel, [(x, labels)], loss=task_loss, epochs=3, lr=1e-2, progress=False)
+    history = ptqat_fx.finetune(qmodel, [(x, labels)], loss=task_loss, loss_takes="batch", epochs=3, lr=1e-2, progress=False)
     assert len(seen) == 3 and torch.equal(seen[0], labels)
     torch.testing.assert_close(torch.tensor(history.loss[0]), expected, rtol=1e-5, atol=0)
     assert history.loss[-1] < history.loss[0]
