@@ -190,7 +190,8 @@ def run_arm(task: Task, state: PTQState, select: ptqat_fx.Select | None, budget:
         data, options = [task.model_inputs(batch) for batch in state.train_batches], {"teacher": state.teacher}
         if budget.objective == "task":
             data = [(*task.model_inputs(batch), batch) for batch in state.train_batches]
-            options = {"loss": lambda outputs, packed: task.loss_fn(outputs, packed[-1])}
+            # finetune calls loss(outputs, *targets): the one target here is the whole batch.
+            options = {"loss": task.loss_fn}
         cuda = next(gm.parameters()).is_cuda
         record["resident_memory_bytes"] = torch.cuda.memory_allocated() if cuda else None
         torch.manual_seed(seed)

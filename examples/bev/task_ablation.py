@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 
 import torch
@@ -52,14 +53,30 @@ def arms(task: tasks.Task, model: torch.nn.Module, analysed: torch.fx.GraphModul
         start = time.perf_counter()
         if select.strategy != "none":
             torch.manual_seed(0)
-            kwargs = {"teacher": model} if args.loss == "distill" else {"loss": task.loss_fn}
+            kwargs = {"teacher": model} if args.loss == "distill" else {"loss": task.loss_fn, "loss_takes": "batch"}
             ptqat_fx.finetune(arm.train(), data, steps=args.steps, lr=args.lr, progress=False, **kwargs)
         rows[name] = {**task.evaluate(arm), "trainable_layer_params": trainable, "finetune_s": round(time.perf_counter() - start, 1)}
         print(f"  {name:<20} mIoU {rows[name]['mIoU']:.4f}", flush=True)
     return rows
 
 
+def markdown_table(paths: list[str]) -> str:
+    """One markdown table of mIoU per task, setting and arm from ``task_ablation`` JSON files."""
+    lines = ["| task | setting | FP | " + " | ".join(["PTQ", *ARMS]) + " |", "|---" * (len(ARMS) + 4) + "|"]
+    for path in paths:
+        with open(path) as handle:
+            run = json.load(handle)
+        for setting, rows in run["arms"].items():
+            cells = [f"{rows[name]['mIoU']:.3f}" + (f" ({rows[name]['trainable_layer_params']:,})" if name in ARMS else "")
+                     for name in ("PTQ (none)", *ARMS)]
+            lines.append(f"| {run['args']['task']} | {setting} | {run['fp']['mIoU']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["table"]:
+        print(markdown_table(sys.argv[2:]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=tasks.TASKS, required=True)
     parser.add_argument("--checkpoint", default=None, help="FP task checkpoint (default examples/checkpoints/<task>.pt)")

@@ -78,6 +78,6 @@ def test_task_interface_runs_end_to_end(tmp_path) -> None:
     before = task.evaluate(fp)
     assert 0 <= before["mIoU"] <= 1 and set(before) == {f"iou_{c}" for c in dense_targets.MAP_CLASSES} | {"mIoU"}
     qmodel = ptqat_fx.quantize(fp, data[0][:3], data, ptqat_fx.QuantConfig(w_bits=4, a_bits=8), progress=False)
-    history = ptqat_fx.finetune(qmodel, data, loss=task.loss_fn, steps=2, progress=False)
+    history = ptqat_fx.finetune(qmodel, data, loss=task.loss_fn, loss_takes="batch", steps=2, progress=False)
     assert history.steps == 2 and all(loss > 0 for loss in history.loss)
     assert 0 <= task.evaluate(qmodel)["mIoU"] <= 1
