@@ -21,7 +21,12 @@ class NoGradInForward(RuntimeError):
 
 
 class TensorValueBranch(RuntimeError):
-    """Python control flow asked for the value of a traced tensor (``if x.sum() > 0``)."""
+    """Python control flow asked for the value of a traced tensor (``if x.sum() > 0``,
+    ``range(n)`` or ``len(x)`` where the example value does not answer it)."""
+
+
+class ProxyItemAssignment(TypeError):
+    """Code assigned into a traced value (``kwargs["key"] = ...`` on a traced dict, ``x[i] = y``)."""
 
 
 def is_library_file(filename: str) -> bool:
@@ -56,15 +61,12 @@ def user_source_line(error: BaseException) -> str | None:
 
 
 def _fix_for(error: BaseException, module_path: str | None) -> str:
-    message = str(error)
     leaf = f"leaf_modules=[{module_path!r}]" if module_path else "leaf_modules=[<module path>]"
     if isinstance(error, NoGradInForward):
         return f"use .detach() on the tensors computed there, or pass {leaf} to run it eagerly"
-    if "item assignment" in message:
+    if isinstance(error, ProxyItemAssignment):
         return f"write the update out of place (torch.cat / torch.where / index_put), or pass {leaf}"
-    if isinstance(error, TensorValueBranch) or any(
-        word in message for word in ("control flow", "iterated", "interpreted as an integer", "len")
-    ):
+    if isinstance(error, TensorValueBranch):
         return (
             f"the module branches or loops on tensor values or shapes: pass {leaf}, or fix the "
             "deciding argument with concrete_args={...}"

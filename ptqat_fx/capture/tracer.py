@@ -29,7 +29,7 @@ from torch.fx._symbolic_trace import _orig_module_call
 
 from ..errors import TraceError
 from ..runtime.quantizer import FakeQuantizer
-from .diagnostics import NoGradInForward, describe_trace_failure
+from .diagnostics import NoGradInForward, TensorValueBranch, describe_trace_failure
 from .hooks import tracing
 from .inputs import ExampleCall, keep_defaults
 from .values import MISSING, ValueProxy
@@ -67,6 +67,13 @@ class QuantTracer(fx.Tracer):
         self.tracks_values = False
         self.eager = 0  # > 0 while an op runs on example values: its module calls are not traced
         self.thread = threading.get_ident()
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        # fx.Tracer's hook for ``if proxy:``: a typed error, so diagnostics need not read messages.
+        raise TensorValueBranch(f"traced value {obj.node.name!r} decides Python control flow (if, while, and, or)")
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        raise TensorValueBranch(f"traced value {obj.node.name!r} is iterated, and the example does not fix its length")
 
     def _passes_through(self) -> bool:
         return self.eager > 0 or threading.get_ident() != self.thread

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .diagnostics import ProxyItemAssignment, TensorValueBranch
+
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
 
 # Attributes and methods of a tensor that depend on its shape, dtype and placement only.
@@ -69,10 +71,18 @@ class ValueProxy(fx.Proxy):
 
     def __len__(self) -> int:
         value = self._sequence()
-        return super().__len__() if value is MISSING else len(value)
+        if value is MISSING:
+            raise TensorValueBranch(f"len() of traced value {self.node.name!r}, whose length the example does not fix")
+        return len(value)
 
     def __iter__(self) -> Any:
         value = self._sequence()
         if value is MISSING:
             return super().__iter__()
         return iter([self[i] for i in range(len(value))])
+
+    def __index__(self) -> int:
+        raise TensorValueBranch(f"traced value {self.node.name!r} used as a Python integer (range, indexing)")
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise ProxyItemAssignment(f"item assignment into traced value {self.node.name!r}")
