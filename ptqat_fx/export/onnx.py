@@ -33,7 +33,7 @@ from torch import fx
 
 from ..checks import require_quantized_float32
 from ..errors import InputError
-from ..lowering import IntegerWeight, deployable_layers, integer_weight, require_lowerable
+from ..lowering import IntegerWeight, deployable_layers, integer_weight, pack_int4, require_lowerable
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 
 DOMAIN = "ptqat_fx"
@@ -70,7 +70,13 @@ def _(x: torch.Tensor, index: int) -> torch.Tensor:
 def _translation_table() -> dict:
     """The marker's ONNX translation; onnxscript (which torch's exporter needs anyway) is
     imported only when exporting."""
-    import onnxscript
+    try:
+        import onnxscript
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "export_onnx needs onnxscript (torch's ONNX exporter is written in it), a dependency of "
+            "ptqat-fx that this environment lacks: pip install onnxscript", name="onnxscript"
+        ) from error
 
     opset = onnxscript.values.Opset(DOMAIN, 1)
 
@@ -94,6 +100,18 @@ def _onnx_type(bits: int, signed: bool) -> int:
     if bits <= 4:
         return TensorProto.INT4 if signed else TensorProto.UINT4
     return TensorProto.INT8 if signed else TensorProto.UINT8
+
+
+def integer_initializer(name: str, values: torch.Tensor, data_type: int) -> TensorProto:
+    """An INT8/UINT8/INT4/UINT4 initializer in ``raw_data``: one byte per 8-bit value, two
+    4-bit values per byte (element 2i in the low nibble, as the ONNX spec packs them), so a
+    4-bit weight costs 0.5 byte (``int32_data`` would spend a varint on each)."""
+    tensor = TensorProto(name=name, data_type=data_type, dims=list(values.shape))
+    if data_type in (TensorProto.INT4, TensorProto.UINT4):
+        tensor.raw_data = pack_int4(values).numpy().tobytes()
+    else:
+        tensor.raw_data = values.numpy().astype(np.int8 if data_type == TensorProto.INT8 else np.uint8).tobytes()
+    return tensor
 
 
 def _check_opset(table: list[IntegerWeight | ActivationQuant], opset: int) -> None:
@@ -156,25 +174,26 @@ class _MarkerLowering:
 
     def _weight(self, entry: IntegerWeight, source: str, output: str) -> list[onnx.NodeProto]:
         data_type = _onnx_type(entry.bits, signed=True)
-        values = entry.values.numpy()
-        count = entry.scale.numel()
+        shape = [entry.scale.numel()] if entry.axis is not None else []
         inputs = [
-            self._initializer(f"{entry.path}_quantized", lambda: helper.make_tensor(
-                f"{entry.path}_quantized", data_type, values.shape, values.flatten().tolist())),
+            self._initializer(f"{entry.path}_quantized", lambda: integer_initializer(
+                f"{entry.path}_quantized", entry.values, data_type)),
             self._initializer(f"{entry.path}_scale", lambda: numpy_helper.from_array(
-                entry.scale.numpy().reshape([count] if entry.axis is not None else []), f"{entry.path}_scale")),
-            self._initializer(f"{entry.path}_zero_point", lambda: helper.make_tensor(
-                f"{entry.path}_zero_point", data_type, [count] if entry.axis is not None else [], [0] * count)),
+                entry.scale.numpy().reshape(shape), f"{entry.path}_scale")),
+            self._initializer(f"{entry.path}_zero_point", lambda: integer_initializer(
+                f"{entry.path}_zero_point", torch.zeros(shape, dtype=torch.int8), data_type)),
         ]
         attributes = {"axis": entry.axis} if entry.axis is not None else {}
-        return [helper.make_node("DequantizeLinear", inputs, [output], name=f"{entry.path}_dequantize", **attributes)]
+        # Named after the output: a layer called twice dequantizes its weight twice, and
+        # node names must be unique.
+        return [helper.make_node("DequantizeLinear", inputs, [output], name=f"{output}_dequantize", **attributes)]
 
     def _activation(self, entry: ActivationQuant, source: str, output: str) -> list[onnx.NodeProto]:
         data_type = _onnx_type(entry.bits, entry.signed)
         scale = self._initializer(f"{entry.path}.scale", lambda: numpy_helper.from_array(
             np.array(entry.scale, dtype=np.float32), f"{entry.path}.scale"))
-        zero_point = self._initializer(f"{entry.path}.zero_point", lambda: helper.make_tensor(
-            f"{entry.path}.zero_point", data_type, [], [0]))
+        zero_point = self._initializer(f"{entry.path}.zero_point", lambda: integer_initializer(
+            f"{entry.path}.zero_point", torch.zeros((), dtype=torch.int8), data_type))
         quantized = f"{output}_quantized"
         return [
             helper.make_node("QuantizeLinear", [source, scale, zero_point], [quantized], name=f"{output}_quantize"),
@@ -203,23 +222,34 @@ class _MarkerLowering:
         return self.model
 
 
+def _batch_shapes(example_inputs: tuple) -> tuple:
+    """torch.export dynamic shapes: axis 0 of every tensor input is the one ``batch`` dim."""
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in example_inputs)
+
+
 def export_onnx(
     qmodel: fx.GraphModule,
     example_inputs: tuple,
     path: str | os.PathLike,
     opset: int | None = None,
+    *,
+    dynamic_batch: bool = False,
 ) -> onnx.ModelProto:
     """Write ``qmodel`` (calibrated fake-quant, exported in eval mode) to ``path`` as a Q/DQ
     ONNX model, checked with ``onnx.checker.check_model(full_check=True)``; returns it.
 
     Weights become INT8 initializers (INT4 for weights of 4 bits or fewer, which needs
     ``opset >= 21``) with a per-channel DequantizeLinear; activations a QuantizeLinear ->
-    DequantizeLinear pair. ``opset`` defaults to 21.
+    DequantizeLinear pair. ``opset`` defaults to 21. With ``dynamic_batch`` the first axis
+    of every tensor input (and so of the outputs) is symbolic (``batch``): one file runs at
+    any batch size.
 
     Raises:
         CalibrationError: a quantizer was never calibrated.
-        InputError: ``opset`` too old for the model's bit widths (the message names it), or
-            activations of a bit width ONNX Q/DQ cannot express.
+        InputError: ``opset`` too old for the model's bit widths (the message names it),
+            activations of a bit width ONNX Q/DQ cannot express, or ``dynamic_batch`` on a
+            graph whose capture fixed the batch size (a reshape to a traced size).
     """
     require_quantized_float32(qmodel, "export_onnx")
     opset = DEFAULT_OPSET if opset is None else opset
@@ -227,14 +257,24 @@ def export_onnx(
         raise InputError(f"example_inputs must be a tuple of the model's inputs, got {type(example_inputs).__name__}")
     gm, table = marker_graph(qmodel)
     _check_opset(table, opset)
-    program = torch.onnx.export(
-        gm,
-        example_inputs,
-        dynamo=True,
-        opset_version=opset,
-        custom_translation_table=_translation_table(),
-        verbose=False,
-    )
+    try:
+        program = torch.onnx.export(
+            gm,
+            example_inputs,
+            dynamo=True,
+            opset_version=opset,
+            custom_translation_table=_translation_table(),
+            dynamic_shapes=_batch_shapes(example_inputs) if dynamic_batch else None,
+            verbose=False,
+        )
+    except Exception as error:  # torch raises several types when a dimension is specialised
+        if dynamic_batch and "batch" in str(error):
+            raise InputError(
+                f"dynamic_batch=True: the captured graph fixes the batch size ({str(error).splitlines()[0][:200]}); "
+                "capture with a shape-agnostic reshape (x.flatten(1), x.view(x.shape[0], -1)) or export "
+                "with dynamic_batch=False"
+            ) from error
+        raise
     model = _MarkerLowering(program.model_proto, table).run()
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, os.fspath(path))

@@ -84,3 +84,48 @@ def agreement(
         )
         result[runtime] = Agreement(float(errors.max()), float((errors > EXACT_ATOL).mean()))
     return result
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first QuantizeLinear (in graph order) whose integers differ between onnxruntime
+    (all graph optimizations off) and ``onnx.reference``.
+
+    Attributes:
+        node: the QuantizeLinear node's name.
+        flipped: how many of its integers differ.
+        ties: ``x / scale`` of the first flipped element in each runtime (onnxruntime,
+            reference); a float-accumulation rounding flip shows two values on either side
+            of one ``k + 0.5``.
+    """
+
+    node: str
+    flipped: int
+    ties: tuple[float, float]
+
+
+def first_divergence(path: str | os.PathLike, inputs: tuple[torch.Tensor, ...]) -> Divergence | None:
+    """Where the two runtimes first round an activation differently, or None when every
+    quantized activation agrees: the tool that separates a semantic difference (many
+    integers off, values far from a tie) from a float rounding flip that a deep network
+    then amplifies (one integer off, both values within ~1e-5 of ``k + 0.5``)."""
+    model = onnx.load(os.fspath(path))
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    quantize = [node for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    for node in quantize:
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in (node.input[0], node.output[0]))
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = dict(zip([i.name for i in session.get_inputs()], (t.detach().cpu().numpy() for t in inputs)))
+    names = [o.name for o in session.get_outputs()]
+    engine = dict(zip(names, session.run(None, feeds)))
+    reference = dict(zip(names, ReferenceEvaluator(model).run(None, feeds)))
+    for node in quantize:
+        flips = engine[node.output[0]].astype(np.int64) != reference[node.output[0]].astype(np.int64)
+        if flips.any():
+            first = int(np.flatnonzero(flips)[0])
+            scale = float(initializers[node.input[1]])
+            ties = tuple(float(run[node.input[0]].flat[first]) / scale for run in (engine, reference))
+            return Divergence(node.name, int(flips.sum()), ties)
+    return None
