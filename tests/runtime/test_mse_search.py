@@ -33,6 +33,8 @@ def sequential_mse_clip(values: torch.Tensor, abs_max: torch.Tensor, qmax: int) 
     ((40, 96), 7, 96 * 7),             # forces blocks over candidates and over channels
     ((9, 50), 127, 50 * 100 * 3),      # 8-bit, channel blocks of 3
     ((1, 300), 3, None),               # one channel, 3-bit
+    ((12, 1), 7, None),                # one element per channel: exact on the grid
+    ((32, 4096), 7, None),             # a wide fan-in, many near-equal candidates
 ])
 def test_same_clips_as_the_observer(shape, qmax, budget):
     generator = torch.Generator().manual_seed(sum(shape) + qmax)
@@ -44,7 +46,8 @@ def test_same_clips_as_the_observer(shape, qmax, budget):
     expected = sequential_mse_clip(magnitudes, abs_max, qmax)
     got = mse_channel_clip(magnitudes, abs_max, qmax, max_elements=budget)
     assert torch.equal(got, expected)
-    assert (got < abs_max).any(), "the search must clip some channel below its range"
+    if magnitudes.shape[1] > 1:  # a lone element is best at its own magnitude
+        assert (got < abs_max).any(), "the search must clip some channel below its range"
 
 
 def test_calibrated_weight_steps_of_a_quantized_model_equal_the_sequential_search():
@@ -83,6 +86,26 @@ def test_a_zero_initialised_head_passes_gradient_upstream_after_quantize():
         nn.functional.cross_entropy(gm(data[0]), labels).backward()
         optimizer.step()
     assert gm.get_parameter("0.weight").grad.abs().sum() > 0
+
+
+def test_uniform_and_lattice_weights_where_candidates_nearly_tie():
+    """Values on a quantization grid and uniform values: many candidates' errors are close,
+    so the screening must keep every one the float32 loop could prefer."""
+    generator = torch.Generator().manual_seed(3)
+    lattice = (torch.randint(0, 8, (20, 64), generator=generator).float() * 0.125)
+    uniform = torch.rand(20, 64, generator=generator)
+    for values in (lattice, uniform, torch.cat([lattice, uniform], 1)):
+        abs_max = values.amax(1)
+        assert torch.equal(mse_channel_clip(values, abs_max, 7), sequential_mse_clip(values, abs_max, 7))
+
+
+def test_non_finite_channels_take_the_loop_path():
+    values = torch.rand(3, 10)
+    values[1, 2] = float("inf")
+    values[2, 0] = float("nan")
+    abs_max = values.amax(1)
+    got, expected = mse_channel_clip(values, abs_max, 7), sequential_mse_clip(values, abs_max, 7)
+    assert torch.equal(got[:2], expected[:2]) and got[2].isnan() and expected[2].isnan()
 
 
 def test_rejects_misshaped_input():
