@@ -7,7 +7,7 @@ time of plain float forwards of the same model over the same calibration batches
 the same process (``torch.no_grad``, after a warm-up forward). Models: CPU a 19.6M-parameter MLP
 (2304-3072-3072-1000), ResNet-50 and ViT-B/16 at a small batch; GPU ResNet-50 and ViT-B/16 at
 batch 32 with 8 calibration batches. Also the weight MSE clip search: the observer's sequential
-loop against ``ptqat_fx.runtime.mse_search.mse_channel_clip`` on the same weights.
+loop (the former code, kept in tests/runtime/test_mse_search.py) against ``ptqat_fx.runtime.mse_search.mse_channel_clip`` on the same weights.
 
     PYTHONPATH=. python bench/quantize_cost.py --device cpu --quick --out bench/quantize_cost_cpu.json
     PYTHONPATH=. python bench/quantize_cost.py --device cuda --out $OUT/quantize_cost_gpu.json
@@ -29,6 +29,7 @@ import ptqat_fx.api as api
 from examples.mlp import MLP
 from ptqat_fx.runtime.observer import RangeObserver
 from ptqat_fx.runtime.mse_search import mse_channel_clip
+from tests.runtime.test_mse_search import sequential_mse_clip
 from tests.zoo.torchvision_zoo import load_torchvision
 
 # Stage -> the functions ptqat_fx.api calls for it, in order.
@@ -116,7 +117,7 @@ def mse_search_ratio(model: nn.Module, device: torch.device, max_elements: int, 
         observer.update(weight)
         _sync(device)
         start = time.perf_counter()
-        sequential = observer._channel_clip()
+        sequential = sequential_mse_clip(observer.latest, observer.abs_max, qmax)
         _sync(device)
         timings["sequential_s"] += time.perf_counter() - start
         start = time.perf_counter()

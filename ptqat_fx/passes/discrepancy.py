@@ -99,6 +99,11 @@ class DiscrepancyInterpreter(fx.Interpreter):
         self.samples: dict[str, int] = defaultdict(int)
         # Weights do not change during the analysis: quantize each once, not once per batch.
         self.quantized_constants: dict[str, torch.Tensor] = {}
+        # Node name -> its FakeQuantizer, looked up once rather than per node per batch.
+        self.quantizer_nodes: dict[str, FakeQuantizer] = {
+            n.name: gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantizer)
+        }
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "get_attr"):
@@ -107,13 +112,10 @@ class DiscrepancyInterpreter(fx.Interpreter):
                 return _Both(self.module.get_parameter(float_weight(n)), value, value)
             return _Both(value, value)
         float_args, float_kwargs = self._side(n, "float")
-        # Layers fused with their input quantizers (freeze) name their float form.
-        float_target = getattr(n.target, "float_reference", n.target)
-        float_out = getattr(self, n.op)(float_target, float_args, float_kwargs)
-        if n.op == "output":
-            return float_out
-        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), FakeQuantizer):
-            quantizer = self.module.get_submodule(n.target)
+        if n.name in self.quantizer_nodes:
+            # The float side passes the value through: running the quantizer module on it
+            # (once per batch, weights included) would only be thrown away.
+            quantizer = self.quantizer_nodes[n.name]
             (float_in,), (quantized_in,) = float_args, self._side(n, "quantized")[0]
             if n.args[0].op == "get_attr":
                 if n.name not in self.quantized_constants:
@@ -122,6 +124,11 @@ class DiscrepancyInterpreter(fx.Interpreter):
                 return _Both(float_in, constant, constant)
             local = _fake_quantize(quantizer, float_in) if "local" in self.modes else None
             return _Both(float_in, _fake_quantize(quantizer, quantized_in), local)
+        # Layers fused with their input quantizers (freeze) name their float form.
+        float_target = getattr(n.target, "float_reference", n.target)
+        float_out = getattr(self, n.op)(float_target, float_args, float_kwargs)
+        if n.op == "output":
+            return float_out
         quantized_args, quantized_kwargs = self._side(n, "quantized")
         quantized_out = getattr(self, n.op)(n.target, quantized_args, quantized_kwargs)
         spec: LayerSpec | None = layer_spec(n)

@@ -4,7 +4,9 @@ An observer only ever sees magnitudes: quantization is symmetric, so the error o
 size depends on |x| alone. Per-tensor activations are summarised in a histogram of |x| whose
 range doubles when a larger value arrives, so memory stays bounded whatever the calibration
 set's size, and percentile and MSE searches run on the histogram. Per-channel tensors
-(weights) are kept whole: they are constant during calibration.
+(weights) are kept whole: they are constant during calibration, so a weight seen again
+unchanged (same tensor, same version) is not re-read. A weight channel of zero range gets a
+step from its fan-in (``mse_search.zero_range_steps``), so a zero-initialised layer can learn.
 """
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ from typing import ClassVar
 
 import torch
 
+from .mse_search import MSE_CANDIDATES, mse_channel_clip, zero_range_steps
+
 HISTOGRAM_BINS = 2048
-MSE_CANDIDATES = 100
 SWEEP_PERCENTILES = (99.0, 99.9, 99.99, 99.999, 100.0)
-# A scale for tensors that were all zeros: any scale represents zero exactly; 1.0 keeps the
-# LSQ gradient well conditioned if non-zero values arrive during fine-tuning.
+# A scale for activations that were all zeros: any scale represents zero exactly; 1.0 keeps
+# the LSQ gradient well conditioned if non-zero values arrive during fine-tuning. (Weights
+# get a step from their fan-in instead: with 1.0 a zero weight could never leave zero.)
 ZERO_RANGE_SCALE = 1.0
 
 
@@ -92,13 +96,12 @@ class LSQInit(ClipRule):
 @register_observer
 class MSESearch(ClipRule):
     """The clip among ``MSE_CANDIDATES`` fractions of the maximum with the least squared
-    quantization error."""
+    quantization error (per channel: every candidate at once, on the weight's device)."""
 
     name = "mse"
 
     def channel_clip(self, observer: RangeObserver) -> torch.Tensor:
-        ratios = torch.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES).tolist()
-        return observer.best_channel_clip([observer.abs_max * ratio for ratio in ratios])
+        return mse_channel_clip(observer.latest, observer.abs_max, observer.qmax)
 
     def tensor_clip(self, observer: RangeObserver) -> torch.Tensor:
         top = float(observer.abs_max)
@@ -148,17 +151,24 @@ class RangeObserver:
         self.count = 0
         self.histogram: torch.Tensor | None = None
         self.latest: torch.Tensor | None = None
+        # The per-channel tensor last read and its version counter: a weight is fed once per
+        # calibration batch, and re-reading it unchanged would redo the same work.
+        self._source: tuple[torch.Tensor, int] | None = None
 
     def update(self, x: torch.Tensor) -> None:
         """Add one tensor's statistics."""
-        magnitude = x.detach().abs().float()
         self.batches += 1
         if self.channel_axis is not None:
+            if self._source is not None and self._source[0] is x and self._source[1] == x._version:
+                return  # the same weight, unchanged: abs_max and latest already hold it
+            self._source = (x, x._version)
+            magnitude = x.detach().abs().float()
             per_channel = magnitude.transpose(0, self.channel_axis).flatten(1)
             channel_max = per_channel.amax(dim=1)
             self.abs_max = channel_max if self.abs_max is None else self.abs_max.maximum(channel_max)
             self.latest = per_channel
             return
+        magnitude = x.detach().abs().float()
         self.abs_sum += float(magnitude.sum())
         self.count += magnitude.numel()
         batch_max = magnitude.max()
@@ -195,10 +205,10 @@ class RangeObserver:
         if self.batches == 0:
             raise RuntimeError("observer saw no data")
         if self.channel_axis is not None:
-            clip = self._channel_clip()
-        else:
-            clip = self._tensor_clip().reshape(1)
-        step = clip.float() / self.qmax
+            step = self._channel_clip().float() / self.qmax
+            # The elements that share one step: the weight's fan-in.
+            return zero_range_steps(step, max(self.latest.shape[1], 1), self.qmax)
+        step = self._tensor_clip().reshape(1).float() / self.qmax
         return torch.where(step > 0, step, torch.full_like(step, ZERO_RANGE_SCALE))
 
     def _channel_clip(self) -> torch.Tensor:

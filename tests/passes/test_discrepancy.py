@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import ptqat_fx
 from ptqat_fx.layer_spec import layer_specs
-from ptqat_fx.passes.discrepancy import discrepancy, discrepancy_table
+from ptqat_fx.meta import float_weight, layer_spec
+from ptqat_fx.passes.discrepancy import (
+    DiscrepancyInterpreter, _Both, _fake_quantize, discrepancy, discrepancy_table,
+)
+from ptqat_fx.runtime.quantizer import FakeQuantizer
 from examples import resnet_small
 
 
@@ -86,3 +90,51 @@ def test_analysis_after_freeze_matches_analysis_before(strategy):
     discrepancy(gm, data, 1, progress=False)
     after = [s.discrepancy["accumulated.relative"] for s in layer_specs(gm)]
     assert after == pytest.approx(before, rel=1e-5)
+
+
+class _FormerSweep(DiscrepancyInterpreter):
+    """The sweep before it stopped running quantizer modules on the float side: its
+    ``run_node`` verbatim, the reference for the current one."""
+
+    def run_node(self, n):
+        if n.op in ("placeholder", "get_attr"):
+            value = fx.Interpreter.run_node(self, n)
+            if float_weight(n) is not None:
+                return _Both(self.module.get_parameter(float_weight(n)), value, value)
+            return _Both(value, value)
+        float_args, float_kwargs = self._side(n, "float")
+        float_target = getattr(n.target, "float_reference", n.target)
+        float_out = getattr(self, n.op)(float_target, float_args, float_kwargs)
+        if n.op == "output":
+            return float_out
+        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), FakeQuantizer):
+            quantizer = self.module.get_submodule(n.target)
+            (float_in,), (quantized_in,) = float_args, self._side(n, "quantized")[0]
+            if n.args[0].op == "get_attr":
+                if n.name not in self.quantized_constants:
+                    self.quantized_constants[n.name] = _fake_quantize(quantizer, float_in)
+                constant = self.quantized_constants[n.name]
+                return _Both(float_in, constant, constant)
+            local = _fake_quantize(quantizer, float_in) if "local" in self.modes else None
+            return _Both(float_in, _fake_quantize(quantizer, quantized_in), local)
+        quantized_args, quantized_kwargs = self._side(n, "quantized")
+        quantized_out = getattr(self, n.op)(n.target, quantized_args, quantized_kwargs)
+        spec = layer_spec(n)
+        if spec is not None:
+            self._record(n, spec, float_out, quantized_out)
+        return _Both(float_out, quantized_out)
+
+
+@pytest.mark.parametrize("strategy", [None, "small"])
+def test_sweep_gives_the_discrepancies_of_the_former_sweep(strategy):
+    data = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    select = ptqat_fx.Select(strategy) if strategy else None
+    gm = ptqat_fx.quantize(resnet_small.build(), (data[0],), data, select=select, progress=False)
+    means = []
+    for sweep in (DiscrepancyInterpreter, _FormerSweep):
+        interpreter = sweep(gm, ("local", "accumulated"))
+        with torch.no_grad():
+            for batch in data:
+                interpreter.run(batch)
+        means.append(interpreter.means())
+    assert len(means[0]) == len(layer_specs(gm)) and means[0] == means[1]
