@@ -13,7 +13,8 @@ runs once per side. At each layer two discrepancies can be read:
 Layers inside a leaf module (quantized at module level, ``quantize_leaves``) are measured at
 module level: the leaf runs once with its layers computing in float and once quantized, and
 forward hooks read each layer's output on both sides (``local``: the layer quantized on its
-float-side input). The leaf's float side is truly float, so layers after it are measured
+float-side input; it stands in for ``accumulated`` where a value-dependent forward called the
+layer with other shapes on the two sides). The leaf's float side is truly float, so layers after it are measured
 against a float reference too.
 
 Metrics, per sample (dim 0) then averaged over all samples of all batches:
@@ -159,7 +160,8 @@ class DiscrepancyInterpreter(fx.Interpreter):
             if not isinstance(out, torch.Tensor):
                 return
             seen[id(module)][side[0]].append(out)
-            if side[0] == "float" and "local" in self.modes:
+            if side[0] == "float":
+                # Also the stand-in for "accumulated" where the two sides' calls differ in shape.
                 with float_reference([module], on=False):
                     seen[id(module)]["local"].append(type(module).forward(module, *args))
 
@@ -175,10 +177,12 @@ class DiscrepancyInterpreter(fx.Interpreter):
                 handle.remove()
         for module in inside:
             outputs = seen[id(module)]
+            quantized = outputs["quantized"]
             for index, float_value in enumerate(outputs["float"]):
-                sides = {mode: outputs["quantized" if mode == "accumulated" else mode] for mode in self.modes}
-                by_mode = {mode: values[index] for mode, values in sides.items() if index < len(values)}
-                self._accumulate(module.layer_spec.name, by_mode, float_value)
+                local = outputs["local"][index]
+                same = index < len(quantized) and quantized[index].shape == float_value.shape
+                by_mode = {"accumulated": quantized[index] if same else local, "local": local}
+                self._accumulate(module.layer_spec.name, {m: by_mode[m] for m in self.modes}, float_value)
         return _Both(float_out, quantized_out)
 
     def _side(self, n: fx.Node, side: str) -> tuple[tuple, dict]:
@@ -191,12 +195,15 @@ class DiscrepancyInterpreter(fx.Interpreter):
         if not isinstance(float_out, torch.Tensor):
             return
         outputs = {}
-        if "accumulated" in self.modes:
-            outputs["accumulated"] = quantized_out
-        if "local" in self.modes:
+        reshaped = not isinstance(quantized_out, torch.Tensor) or quantized_out.shape != float_out.shape
+        if "local" in self.modes or reshaped:
+            # Value-dependent shapes (boolean masks) can differ between the sides: then the
+            # layer is measured on its float-side input (local) for accumulated too.
             local_args, local_kwargs = self._side(n, "local_or_float")
             outputs["local"] = getattr(self, n.op)(n.target, local_args, local_kwargs)
-        self._accumulate(spec.name, outputs, float_out)
+        if "accumulated" in self.modes:
+            outputs["accumulated"] = outputs["local"] if reshaped else quantized_out
+        self._accumulate(spec.name, {mode: outputs[mode] for mode in self.modes}, float_out)
 
     def _accumulate(self, name: str, outputs: dict[str, torch.Tensor], float_out: torch.Tensor) -> None:
         sums = self.sums[name]

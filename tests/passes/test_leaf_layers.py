@@ -222,3 +222,38 @@ def test_report_header_names_the_captured_shapes():
     assert first == "captured for input shapes x [2, 3, 2, 5, 5] (other shapes are refused)"
     general = str(ptqat_fx.report(ptqat_fx.quantize(LeafNet().eval(), (X,), [X], progress=False))).splitlines()[0]
     assert general.startswith("captured for any input shape")
+
+
+
+class KeepPositive(nn.Module):
+    """How many rows ``b`` sees depends on the sign of ``a``'s output, which 4-bit weights
+    flip for some of 2000 rows: the two sides call ``b`` with different shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h[h[:, 0] > 0]).sum(0)
+
+
+class KeepPositiveLeaf(KeepPositive):
+    def forward(self, x):
+        if x.sum() > 1e9:  # a branch on values: a leaf
+            return x[:1, :2]
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["graph", "leaf"])
+def test_layer_called_with_other_shapes_on_each_side_is_measured_on_its_float_input(leaf):
+    from ptqat_fx.passes.discrepancy import discrepancy
+
+    x = torch.randn(2000, 4, generator=G)
+    gm = ptqat_fx.quantize(nn.Sequential(KeepPositiveLeaf() if leaf else KeepPositive()), (x,), [x], select=None,
+                           progress=False)
+    assert bool(auto_leaves(gm)) == leaf
+    discrepancy(gm, [x], 1, modes=("accumulated", "local"), progress=False)
+    measured = next(s for s in layer_specs(gm) if s.name.endswith("b") or s.weight == "0.b.weight").discrepancy
+    assert measured["accumulated.relative"] == measured["local.relative"] > 0
