@@ -5,15 +5,14 @@ conv and nothing frozen has train-mode behaviour left; inside a leaf module (whi
 own forward, BatchNorm unfolded) a frozen layer's BatchNorm would still update its running
 statistics in train mode, and its dropout would still drop: the "frozen" part changes and
 the model trained against is not the one deployed. ``train_with_frozen_parts_in_eval``
-sets train mode, then, inside every leaf module the graph calls (a module with children, run
-eagerly), eval mode on
+sets train mode, then eval mode on
 
-* every BatchNorm (and other ``_NormBase``) whose parameters are all frozen, or that has none
-  (as its folded form in a graph would behave);
-* every dropout whose parent module's parameters (its whole subtree) are all frozen.
-
-Graph-level modules keep train mode: what the graph rewrite made of them is already what
-selection and freeze decided.
+* every BatchNorm (and other ``_NormBase``) whose parameters are all frozen, or that has none,
+  wherever it is: inside a leaf, or in the graph where folding did not take it (a BN after a
+  linear or an add, as in LeViT or RepViT), so that it behaves as its folded form would;
+* inside every leaf module the graph calls (a module with children, run eagerly), every
+  dropout whose parent module's parameters (its whole subtree) are all frozen. Graph-level
+  dropout keeps train mode: it belongs to the model as selection and freeze left it.
 
 It returns the modules it put in eval, for the caller to restore.
 """
@@ -47,14 +46,8 @@ def train_with_frozen_parts_in_eval(model: nn.Module) -> list[nn.Module]:
     """``model.train()``, with its frozen norms and dropouts in eval (see the module
     docstring); the modules put in eval."""
     model.train()
-    in_eval: list[nn.Module] = []
+    in_eval = [m.eval() for m in model.modules() if isinstance(m, _NormBase) and _frozen(m)]
     for parent in (m for leaf in _leaves(model) for m in leaf.modules()):
-        parent_frozen = None
-        for child in parent.children():
-            if isinstance(child, _NormBase) and _frozen(child):
-                in_eval.append(child.eval())
-            elif isinstance(child, (_DropoutNd, nn.AlphaDropout)):
-                parent_frozen = _frozen(parent) if parent_frozen is None else parent_frozen
-                if parent_frozen:
-                    in_eval.append(child.eval())
+        if _frozen(parent):
+            in_eval += [child.eval() for child in parent.children() if isinstance(child, (_DropoutNd, nn.AlphaDropout))]
     return in_eval

@@ -257,3 +257,26 @@ def test_layer_called_with_other_shapes_on_each_side_is_measured_on_its_float_in
     discrepancy(gm, [x], 1, modes=("accumulated", "local"), progress=False)
     measured = next(s for s in layer_specs(gm) if s.name.endswith("b") or s.weight == "0.b.weight").discrepancy
     assert measured["accumulated.relative"] == measured["local.relative"] > 0
+
+
+class LinearBN(nn.Module):
+    """A BatchNorm after a linear: folding does not take it, so it stays in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.bn(self.fc(x)))
+
+
+def test_graph_batchnorm_with_frozen_affine_keeps_its_statistics_during_finetune():
+    x = torch.randn(32, 4, generator=G)
+    gm = ptqat_fx.quantize(LinearBN(), (x,), [x], select=Select("all"), progress=False)
+    bn = next(m for m in gm.modules() if isinstance(m, nn.BatchNorm1d))
+    assert not any(p.requires_grad for p in bn.parameters())
+    saved = {k: v.clone() for k, v in bn.state_dict().items()}
+    ptqat_fx.finetune(gm, [(x, torch.randn(32, 1, generator=G))], loss=F.mse_loss, steps=2, progress=False)
+    assert all(torch.equal(saved[k], v) for k, v in bn.state_dict().items())
