@@ -16,8 +16,27 @@ _IDIOM_LEAVES = ("data_dependent_if", "item_assignment", "no_grad_in_forward", "
 _HF_QDQ = ("hf/bert", "hf/vit", "hf/deit", "hf/swin", "hf/convnext", "hf/mobilevit", "hf/segformer", "hf/dpt",
            "hf/detr")
 _ALL = ("coverage", "w8a8", "finetune", "convert", "onnx")
+_TIMM_QDQ = ("timm/swin", "timm/vit", "timm/deit_distilled", "timm/cait", "timm/mixer", "timm/pvt_v2_b0",
+             "timm/efficientformer_l1", "timm/maxvit", "timm/mobilevit_xxs", "timm/edgenext_xx_small", "timm/xcit_nano",
+             "vit(small config)")
+_W8A8_RANDOM = {"timm/mobilenetv3_small_050": 0.071, "timm/mobilenetv4_conv_small": 0.103, "timm/maxvit": 0.070,
+                "timm/mobilevit_xxs": 0.162, "timm/poolformer_s12": 0.052, "timm/fastvit_t8": 0.060,
+                "timm/efficientvit_m0": 0.054}
+_ONNX_DRIFT = {"timm/mobilenetv3_small_050": 0.025, "timm/coatnet": 0.011, "timm/repvit_m0_9": 0.019}
 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    **{(name, "onnx"): ONNX_QDQ_TYPE for name in _TIMM_QDQ},
+    **{(name, "w8a8"): f"{RANDOM_INIT_W8A8}: {error}" for name, error in _W8A8_RANDOM.items()},
+    **{(name, "onnx"): f"{ONNX_DRIFT}: {error}" for name, error in _ONNX_DRIFT.items()},
+    **{(name, line): "quantize: IndexError: list assignment index out of range (capture)" for name in
+       ("timm/beit", "timm/eva02") for line in _ALL},
+    ("swin(small config)", "convert"): ("convert/export refuse the input quantizers of the wrapped "
+                                        "shifted_window_attention call (OpaqueCall)"),
+    ("swin(small config)", "onnx"): "as convert: OpaqueCall input quantizers cannot be lowered",
+    ("timm/repvgg_a0", "finetune"): ("2 of 22 selected weights (the 1x1 branches stem.conv_1x1, stages.0.1.conv_1x1) "
+                                     "have a gradient and do not change in 2 steps"),
+    ("tv/fcos_resnet50_fpn", "finetune"): "the scale-free loss is NaN at step 0 (detection outputs; W8A8 error not measurable)",
+    ("tv/fcos_resnet50_fpn", "onnx"): "torch.onnx ConversionError in step 3/3 (exported program -> ONNX)",
     **{(name, line): LEAF_CONVERT for name in _IDIOM_LEAVES for line in ("convert", "onnx")},
     **{(name, "onnx"): ONNX_QDQ_TYPE for name in _HF_QDQ},
     **{("hf/gpt2_lm(tied)", line): ("quantize: TypeError: multiple values for argument 'position_ids' (the "
@@ -36,7 +55,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("smp/DeepLabV3Plus(resnet18)", "onnx"): ONNX_DRIFT + ": 0.018",
     ("hf/resnet", "onnx"): ONNX_DRIFT + ": 0.036",
     ("timm/efficientnet_b0", "w8a8"): RANDOM_INIT_W8A8,
-    ("timm/efficientnet_b0", "onnx"): ONNX_DRIFT + ": 0.81",
     ("efficientnet_b0", "w8a8"): RANDOM_INIT_W8A8,
     ("efficientnet_pytorch/b0", "finetune"): ("traced whole; the 2nd step's gradient of '_conv_stem.weight' is not "
                                               "finite (NonFiniteError) with random init"),
