@@ -73,7 +73,9 @@ def coverage(gm: fx.GraphModule) -> Coverage:
     """The ``Coverage`` of a GraphModule returned by ``quantize`` (traced by ``trace``)."""
     types = module_types(gm) or {path: type(m) for path, m in gm.named_modules()}
     module_paths = [path for path, cls in types.items() if (kind := kind_of_type(cls)) is not None and kind.weighted]
-    float_modules = [path for path in module_paths if not _weight_quantized(gm, path)]
+    # A layer whose weight is tied to another's uses that layer's quantizer (one per Parameter).
+    tied = {spec.module_path for spec in layer_specs(gm) if spec.weight_quantizer is not None}
+    float_modules = [path for path in module_paths if path not in tied and not _weight_quantized(gm, path)]
     graph_only = [
         spec for spec in layer_specs(gm)
         if spec.module_path is None and (spec.weight is None or spec.weight.rpartition(".")[0] not in types)

@@ -35,6 +35,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
+from ..layer_kinds import kind_of_module, runs_as_kind
 from ..meta import AUTO_LEAVES_KEY, MODULE_TYPES_KEY, RECORDED_CALLS_KEY
 from ..runtime.quantizer import FakeQuantizer
 from .diagnostics import user_source_line
@@ -137,6 +138,10 @@ class _Capture:
         prefix = f"{path}." if path else ""
         leaves: list[type | str] = [*self.leaf_types]
         leaves += [p[len(prefix):] for p in self.leaf_paths if p.startswith(prefix)]
+        if path:
+            # Inside a nested capture no graph pass rewrites a traced-into layer subclass
+            # (Conv2dStaticSamePadding): kept as a module call, quantize_leaves quantizes it.
+            leaves += _layer_subclasses(module)
         failed: list[tuple[str, TraceFailure]] = []
         while True:
             try:
@@ -167,7 +172,10 @@ class _Capture:
 
     def _keep(self, module: nn.Module, path: str) -> bool:
         is_torch_layer = module.__module__.startswith("torch.nn") and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-        return isinstance(module, (FakeQuantizer, fx.GraphModule, *self.leaf_types)) or is_torch_layer or path in self.leaf_paths
+        return (
+            isinstance(module, (FakeQuantizer, fx.GraphModule, *self.leaf_types)) or is_torch_layer
+            or path in self.leaf_paths or kind_of_module(module) is not None
+        )
 
     def _on_varied(self, path: str, signatures: int) -> None:
         self.records.append(AutoLeaf(path, f"called with {signatures} different input shapes or constants", None))
@@ -176,6 +184,12 @@ class _Capture:
         record = AutoLeaf(path, f"{type(failure.error).__name__}: {failure.error}", user_source_line(failure.error))
         self.records.append(record)
         return record
+
+
+def _layer_subclasses(module: nn.Module) -> list[type]:
+    """Types of the layer modules under ``module`` whose own forward replaces their kind's."""
+    found = {type(m) for m in module.modules() if kind_of_module(m) is not None and runs_as_kind(m) is None}
+    return sorted(found, key=lambda cls: cls.__qualname__)
 
 
 def _eager_graph_module(model: nn.Module, call: ExampleCall | None) -> fx.GraphModule:

@@ -10,6 +10,13 @@ runs once per side. At each layer two discrepancies can be read:
 * ``local``: the layer run on its quantized float input (and quantized weight) vs the float
   layer, the error that layer makes by itself. This needs a third evaluation at layers only.
 
+Layers inside a leaf module (quantized at module level, ``quantize_leaves``) are measured at
+module level: the leaf runs once with its layers computing in float and once quantized, and
+forward hooks read each layer's output on both sides (``local``: the layer quantized on its
+float-side input; it stands in for ``accumulated`` where a value-dependent forward called the
+layer with other shapes on the two sides). The leaf's float side is truly float, so layers after it are measured
+against a float reference too.
+
 Metrics, per sample (dim 0) then averaged over all samples of all batches:
 ``euclidean`` ||Q - X||_2 (the PTQAT paper's ``Dis``), ``relative`` ||Q - X|| / ||X||,
 ``mse`` mean (Q - X)^2, ``cosine`` 1 - cos(Q, X). Results go to ``LayerSpec.discrepancy``
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from ..model_inputs import model_args
@@ -32,6 +39,7 @@ from ..errors import CalibrationError, ConfigError
 from ..layer_spec import LayerSpec, layer_specs
 from ..meta import DiscrepancyKey, float_weight, layer_spec
 from ..progress import progress_bar
+from ..runtime.quantized_modules import float_reference, is_quantized_layer
 from ..runtime.quantizer import FakeQuantizer, fake_quantize_forward
 
 
@@ -104,6 +112,7 @@ class DiscrepancyInterpreter(fx.Interpreter):
             n.name: gm.get_submodule(n.target) for n in gm.graph.nodes
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantizer)
         }
+        self.leaf_layers: dict[str, list[nn.Module]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "get_attr"):
@@ -124,6 +133,9 @@ class DiscrepancyInterpreter(fx.Interpreter):
                 return _Both(float_in, constant, constant)
             local = _fake_quantize(quantizer, float_in) if "local" in self.modes else None
             return _Both(float_in, _fake_quantize(quantizer, quantized_in), local)
+        inside = self._leaf_layers(n)
+        if inside:
+            return self._run_leaf(n, inside, float_args, float_kwargs)
         # Layers fused with their input quantizers (freeze) name their float form.
         float_target = getattr(n.target, "float_reference", n.target)
         float_out = getattr(self, n.op)(float_target, float_args, float_kwargs)
@@ -136,6 +148,50 @@ class DiscrepancyInterpreter(fx.Interpreter):
             self._record(n, spec, float_out, quantized_out)
         return _Both(float_out, quantized_out)
 
+    def _leaf_layers(self, n: fx.Node) -> list[nn.Module]:
+        """The module-level quantized layers a leaf module call runs (cached by node)."""
+        if n.op != "call_module":
+            return []
+        if n.name not in self.leaf_layers:
+            self.leaf_layers[n.name] = [m for m in self.module.get_submodule(n.target).modules() if is_quantized_layer(m)]
+        return self.leaf_layers[n.name]
+
+    def _run_leaf(self, n: fx.Node, inside: list[nn.Module], float_args: tuple, float_kwargs: dict) -> _Both:
+        """Run a leaf on each side (its layers in float, then quantized) and record every
+        layer inside it at module level: its output on the quantized side (and, for
+        ``local``, the layer quantized on its float-side input) against the float side."""
+        seen: dict[int, dict[str, list[torch.Tensor]]] = {id(m): defaultdict(list) for m in inside}
+        side = ["float"]
+
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if not isinstance(out, torch.Tensor):
+                return
+            seen[id(module)][side[0]].append(out)
+            if side[0] == "float":
+                # Also the stand-in for "accumulated" where the two sides' calls differ in shape.
+                with float_reference([module], on=False):
+                    seen[id(module)]["local"].append(type(module).forward(module, *args))
+
+        handles = [m.register_forward_hook(hook) for m in inside]
+        try:
+            with float_reference(inside):
+                float_out = self.call_module(n.target, float_args, float_kwargs)
+            side[0] = "quantized"
+            with float_reference(inside, on=False):
+                quantized_out = self.call_module(n.target, *self._side(n, "quantized"))
+        finally:
+            for handle in handles:
+                handle.remove()
+        for module in inside:
+            outputs = seen[id(module)]
+            quantized = outputs["quantized"]
+            for index, float_value in enumerate(outputs["float"]):
+                local = outputs["local"][index]
+                same = index < len(quantized) and quantized[index].shape == float_value.shape
+                by_mode = {"accumulated": quantized[index] if same else local, "local": local}
+                self._accumulate(module.layer_spec.name, {m: by_mode[m] for m in self.modes}, float_value)
+        return _Both(float_out, quantized_out)
+
     def _side(self, n: fx.Node, side: str) -> tuple[tuple, dict]:
         def pick(value: Any) -> Any:
             return getattr(self.env[value], side) if isinstance(value, fx.Node) else value
@@ -146,17 +202,23 @@ class DiscrepancyInterpreter(fx.Interpreter):
         if not isinstance(float_out, torch.Tensor):
             return
         outputs = {}
-        if "accumulated" in self.modes:
-            outputs["accumulated"] = quantized_out
-        if "local" in self.modes:
+        reshaped = not isinstance(quantized_out, torch.Tensor) or quantized_out.shape != float_out.shape
+        if "local" in self.modes or reshaped:
+            # Value-dependent shapes (boolean masks) can differ between the sides: then the
+            # layer is measured on its float-side input (local) for accumulated too.
             local_args, local_kwargs = self._side(n, "local_or_float")
             outputs["local"] = getattr(self, n.op)(n.target, local_args, local_kwargs)
-        sums = self.sums[spec.name]
+        if "accumulated" in self.modes:
+            outputs["accumulated"] = outputs["local"] if reshaped else quantized_out
+        self._accumulate(spec.name, {mode: outputs[mode] for mode in self.modes}, float_out)
+
+    def _accumulate(self, name: str, outputs: dict[str, torch.Tensor], float_out: torch.Tensor) -> None:
+        sums = self.sums[name]
         for mode, output in outputs.items():
             for metric, values in _distances(output, float_out, self.metrics).items():
                 key = str(DiscrepancyKey(mode, metric))
                 sums[key] = sums[key] + values.sum() if key in sums else values.sum()
-        self.samples[spec.name] += float_out.shape[0] if float_out.dim() > 0 else 1
+        self.samples[name] += float_out.shape[0] if float_out.dim() > 0 else 1
 
     def means(self) -> dict[str, dict[str, float]]:
         """Layer name -> ``"<mode>.<metric>"`` -> mean over all samples seen."""

@@ -18,6 +18,9 @@ Every selected (trainable) layer is fused with its input quantizers into one
 ``quantized_linear`` / ``quantized_conv`` / ``quantized_matmul`` call that keeps only the
 unquantized input for backward and recomputes the quantized one.
 
+Layers inside leaf modules (module level) follow the selection by ``requires_grad`` only:
+their weight quantizers keep running, as there is no graph node to make constant.
+
 Where nothing trainable lies upstream of a frozen layer, no input needs a gradient and
 autograd records nothing for it. A quantizer or weight shared with a selected layer stays
 trainable. Parameters outside quantizable layers (norms, embeddings) are frozen unless
@@ -31,7 +34,7 @@ from torch import fx
 
 from ..errors import ConfigError
 from ..layer_kinds import kind, kind_of_function
-from ..layer_spec import LayerSpec, layer_nodes
+from ..layer_spec import LayerSpec, layer_nodes, layer_specs
 from ..meta import fused_from, is_frozen, layer_spec, mark_frozen, set_float_weight, set_fused_from
 from ..runtime.quantizer import FROZEN_WEIGHT, FakeQuantizer, is_quantizer_node, step_sizes
 
@@ -40,16 +43,28 @@ _KEEPS_OUTPUT_FUNCTIONS = {F.relu, torch.relu, torch.sigmoid, F.sigmoid, torch.t
 _KEEPS_OUTPUT_METHODS = {"relu", "sigmoid", "tanh", "softmax"}
 
 
+def _canonical(gm: fx.GraphModule, path: str | None, names_of: dict[int, str]) -> str | None:
+    """The name ``named_parameters`` gives the parameter at ``path`` (a tied weight has one
+    name however many layers use it), or None."""
+    if path is None:
+        return None
+    try:
+        return names_of.get(id(gm.get_parameter(path)))
+    except AttributeError:
+        return None  # convert made it a buffer
+
+
 def trainable_names(gm: fx.GraphModule, train_other_params: bool = False) -> set[str]:
-    """Parameter names that stay trainable given each LayerSpec's ``selected`` flag."""
+    """Parameter names that stay trainable given each LayerSpec's ``selected`` flag: those of
+    graph layers and of layers inside leaves (module level), by their ``named_parameters``
+    name, so a weight tied between a selected and a frozen layer stays trainable."""
     trainable: set[str] = set()
     in_layers: set[str] = set()
     names_of = {id(parameter): name for name, parameter in gm.named_parameters()}
     steps = step_sizes(gm)
-    for node in layer_nodes(gm):
-        spec: LayerSpec = layer_spec(node)
+    for spec in layer_specs(gm):
         quantizer_paths = [spec.weight_quantizer, *spec.input_quantizers]
-        names = [spec.weight, spec.bias]
+        names = [_canonical(gm, spec.weight, names_of), _canonical(gm, spec.bias, names_of)]
         names += [names_of.get(id(gm.get_submodule(q).scale)) for q in quantizer_paths if q is not None]
         names = [n for n in names if n is not None]
         in_layers.update(names)
@@ -150,17 +165,18 @@ def freeze(gm: fx.GraphModule, train_other_params: bool = False) -> fx.GraphModu
     weights, biases, weight step sizes and input step sizes (plus other parameters if
     ``train_other_params``). Outputs are unchanged. Returns ``gm``, rewritten in place.
     """
-    specs = [layer_spec(node) for node in layer_nodes(gm)]
+    specs = layer_specs(gm)
     if any(spec.selected is None for spec in specs):
         raise ConfigError("freeze needs a selection: run select_layers (or quantize with select=...) first")
     trainable = trainable_names(gm, train_other_params)
     for name, parameter in gm.named_parameters():
         parameter.requires_grad_(name in trainable)
+    names_of = {id(parameter): name for name, parameter in gm.named_parameters()}
     for node in layer_nodes(gm):
         spec: LayerSpec = layer_spec(node)
         if is_frozen(node) or fused_from(node) is not None:
             continue  # rewritten by an earlier freeze
-        if spec.weight is not None and spec.weight not in trainable:
+        if spec.weight is not None and _canonical(gm, spec.weight, names_of) not in trainable:
             _freeze_weight(gm, node, spec)
         elif spec.selected:
             _fuse_input_quantizers(gm, node, spec)

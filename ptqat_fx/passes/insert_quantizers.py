@@ -30,7 +30,8 @@ class _Inserter:
         # First and last layer counted over leaf layers too, as quantize_leaves counts them.
         self.order = quantizable_order(gm, config)
         self.input_quantizers: dict[tuple[fx.Node, int], fx.Node] = {}
-        self.weight_quantizers: dict[str, str] = {}
+        # By Parameter identity: a weight tied between layers gets one quantizer.
+        self.weight_quantizers: dict[int, str] = {}
 
     def input_quantizer(self, source: fx.Node, bits: int, before: fx.Node) -> fx.Node:
         key = (source, bits)
@@ -42,12 +43,12 @@ class _Inserter:
         return self.input_quantizers[key]
 
     def weight_quantizer(self, spec: LayerSpec, bits: int, before: fx.Node) -> fx.Node:
-        if spec.weight not in self.weight_quantizers:
-            weight = self.gm.get_parameter(spec.weight)
+        weight = self.gm.get_parameter(spec.weight)
+        if id(weight) not in self.weight_quantizers:
             target = f"{spec.weight}_fake_quant"
             self.gm.add_submodule(target, weight_spec(self.config, kind(spec.kind), weight, bits).build())
-            self.weight_quantizers[spec.weight] = target
-        target = self.weight_quantizers[spec.weight]
+            self.weight_quantizers[id(weight)] = target
+        target = self.weight_quantizers[id(weight)]
         with self.gm.graph.inserting_before(before):
             return self.gm.graph.call_module(target, (self.gm.graph.get_attr(spec.weight),))
 

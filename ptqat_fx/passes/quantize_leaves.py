@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import QuantConfig
 from ..layer_kinds import LayerKind, kind_of_module, kind_of_type, quantizable_as_module, torch_function_forms
-from ..layer_spec import LayerSpec
+from ..layer_spec import LayerSpec, graph_layer_specs, layer_specs, module_layer_specs
 from ..meta import auto_leaves, layer_spec, module_types, set_leaf_record
 from ..quantizer_factory import (
     QuantizerSpec, input_spec, layer_bits, leaf_layer_modules, non_negative, quantizable_order, weight_spec,
 )
 from ..runtime.opaque_call import OpaqueCall
-from ..runtime.quantized_modules import is_quantized_layer, quantize_layer_module
+from ..runtime.quantized_modules import is_quantized_layer, quantize_layer_module, quantized_subclass
 from ..runtime.quantizer import FakeQuantizer
 from ..capture import AutoLeaf
 
@@ -49,19 +50,54 @@ def _leaf_inputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
     }
 
 
-def _called_on(gm: fx.GraphModule, modules: list[nn.Module], example_inputs: tuple) -> set[int]:
-    """ids of ``modules`` that run when ``gm`` runs on ``example_inputs``."""
+class _BaseCallProbe(TorchFunctionMode):
+    """Records which modules pass their own ``weight`` to their kind's functional form while
+    they run (the base-class call a subclass forward ends in)."""
+
+    def __init__(self, functions: frozenset) -> None:
+        super().__init__()
+        self.functions = functions
+        self.running: list[nn.Module] = []
+        self.calls_base: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        kwargs = kwargs or {}
+        if self.running and func in self.functions:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is self.running[-1]._parameters.get("weight"):
+                self.calls_base.add(id(self.running[-1]))
+        return func(*args, **kwargs)
+
+
+def _called_on(gm: fx.GraphModule, modules: list[nn.Module], example_inputs: tuple) -> tuple[set[int], set[int]]:
+    """ids of ``modules`` that run when ``gm`` runs on ``example_inputs``, and of those whose
+    run passes their own weight to their kind's functional form."""
     called: set[int] = set()
-    handles = [m.register_forward_hook(lambda m, args, out: called.add(id(m))) for m in modules]
+    probe = _BaseCallProbe(frozenset(f for k in _kinds_of(modules) for f in k.functions))
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        probe.running.append(module)
+
+    def leave(module: nn.Module, args: tuple, out: object) -> None:
+        called.add(id(module))
+        probe.running.pop()
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     was_training = gm.training
     try:
-        with torch.no_grad():
+        with torch.no_grad(), probe:
             gm.eval()(*example_inputs)
     finally:
         gm.train(was_training)
         for handle in handles:
             handle.remove()
-    return called
+    return called, probe.calls_base
+
+
+def _kinds_of(modules: list[nn.Module]) -> list[LayerKind]:
+    """The distinct kinds of ``modules``."""
+    kinds = {kind_of_module(m).name: kind_of_module(m) for m in modules}
+    return list(kinds.values())
 
 
 class _Layers:
@@ -73,6 +109,11 @@ class _Layers:
         self.order = quantizable_order(gm, config)
         self.leaf_inputs = _leaf_inputs(gm)
         self.gm = gm
+        # One quantizer per Parameter (tied weights): the graph's, then the first leaf use's.
+        self.weight_quantizers: dict[int, FakeQuantizer] = {
+            id(gm.get_parameter(spec.weight)): gm.get_submodule(spec.weight_quantizer)
+            for spec in graph_layer_specs(gm) if spec.weight is not None and spec.weight_quantizer is not None
+        }
 
     def quantizer_specs(self, path: str, kind: LayerKind, weight: torch.Tensor) -> tuple[QuantizerSpec, QuantizerSpec]:
         w_bits, a_bits = layer_bits(self.config, path, self.order)
@@ -90,9 +131,12 @@ class _Layers:
     def quantize(self, path: str, module: nn.Module) -> None:
         kind = kind_of_module(module)
         w_spec, a_spec = self.quantizer_specs(path, kind, module.weight)
-        weight_quantizer = getattr(module, "weight_fake_quant", None) or w_spec.build()
+        weight_quantizer = getattr(module, "weight_fake_quant", None) or self.weight_quantizers.setdefault(
+            id(module.weight), w_spec.build()
+        )
         spec = self.spec(path, kind, module.weight, module.bias, f"{path}.input_quantizer")
-        quantize_layer_module(module, kind.quantized_module, spec, weight_quantizer, a_spec.build())
+        quantized_class = kind.quantized_module if quantizable_as_module(module) else quantized_subclass(type(module))
+        quantize_layer_module(module, quantized_class, spec, weight_quantizer, a_spec.build())
 
 
 def _layer_weight(gm: fx.GraphModule, value: object) -> tuple[str, LayerKind] | None:
@@ -154,7 +198,7 @@ def quantize_leaves(
     layers = _leaf_layers(gm)
     every = [module for found in layers.values() for _, module in found]
     probe = example_inputs is not None and every
-    called = _called_on(gm, every, example_inputs) if probe else {id(m) for m in every}
+    called, calls_base = _called_on(gm, every, example_inputs) if probe else ({id(m) for m in every}, set())
     records: dict[str, dict[str, list[str]]] = {}
     for leaf, found in layers.items():
         record: dict[str, list[str]] = {"quantized": [], "float": []}
@@ -163,10 +207,14 @@ def quantize_leaves(
                 record["quantized"].append(path)
             elif config.skips(path, kind_of_module(module).name):
                 record["float"].append(f"{path} (QuantConfig.skip)")
-            elif not quantizable_as_module(module):
-                record["float"].append(f"{path} ({type(module).__name__} subclasses {kind_of_module(module).module_type.__name__})")
             elif id(module) not in called:
                 record["float"].append(f"{path} (not called on the example inputs)")
+            elif not quantizable_as_module(module) and (kind_of_module(module).quantized_module is None or id(module) not in calls_base):
+                base = kind_of_module(module).module_type.__name__
+                record["float"].append(
+                    f"{path} ({type(module).__name__} subclasses {base} with a forward that does not pass "
+                    f"self.weight to the {base} function)"
+                )
             else:
                 factory.quantize(path, module)
                 record["quantized"].append(path)
@@ -181,6 +229,8 @@ def quantize_leaves(
     for path, record in records.items():
         if path in auto:
             auto[path].quantized, auto[path].float_layers = record["quantized"], record["float"]
+    for index, spec in enumerate(layer_specs(gm)):
+        spec.index = index  # execution order over graph and leaf layers: ties in selection break by it
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -188,10 +238,4 @@ def quantize_leaves(
 
 def leaf_layer_specs(gm: nn.Module) -> list[LayerSpec]:
     """The LayerSpecs of the layers this pass quantized (inside leaves and wrapped calls)."""
-    specs: list[LayerSpec] = []
-    for module in gm.modules():
-        if is_quantized_layer(module):
-            specs.append(module.layer_spec)
-        elif isinstance(module, OpaqueCall):
-            specs.extend(module.layer_specs)
-    return specs
+    return module_layer_specs(gm, wrapped_calls=True)

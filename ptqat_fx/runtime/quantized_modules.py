@@ -10,6 +10,9 @@ same objects at the same paths, so state_dict keys and optimizers are unaffected
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,9 +27,14 @@ class _QuantizedLayer:
     weight_fake_quant: FakeQuantizer
     input_quantizer: FakeQuantizer
     layer_spec: LayerSpec
+    # True while the discrepancy analysis runs the float side (``float_reference``).
+    computes_float: bool = False
 
     def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.input_quantizer(x), self.weight_fake_quant(self.weight)
+        weight = self._parameters["weight"]
+        if self.computes_float:
+            return x, weight
+        return self.input_quantizer(x), self.weight_fake_quant(weight)
 
 
 class QuantizedLinear(_QuantizedLayer, nn.Linear):
@@ -79,6 +87,49 @@ class QuantizedConvTranspose3d(_QuantizedConvTranspose, nn.ConvTranspose3d):
     transposed_function = staticmethod(F.conv_transpose3d)
 
 
+class _QuantizedSubclass(_QuantizedLayer):
+    """Mixin for a subclass of a layer type with its own ``forward`` (EfficientNet's
+    ``Conv2dStaticSamePadding``, timm's ``Conv2dSame``: pad, then ``F.conv2d(x, self.weight,
+    ...)``). Its forward runs unchanged on the quantized input, with ``self.weight`` reading as
+    the fake-quantized weight for the duration of the call, as a parametrization would.
+    Quantizing the input before the padding equals quantizing after it: zero is on the grid."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        parameter = self._parameters["weight"]
+        x, quantized = self.quantized_operands(x)
+        # The Parameter stays registered; only attribute reads during this call see the
+        # quantized tensor (gradients reach the Parameter through the quantizer).
+        self._parameters["weight"] = quantized
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            self._parameters["weight"] = parameter
+
+
+_SUBCLASS_WRAPPERS: dict[type, type] = {}
+
+
+def quantized_subclass(cls: type[nn.Module]) -> type[nn.Module]:
+    """The quantized class of a layer subclass ``cls`` with its own forward (made once)."""
+    if cls not in _SUBCLASS_WRAPPERS:
+        _SUBCLASS_WRAPPERS[cls] = type(f"Quantized{cls.__name__}", (_QuantizedSubclass, cls), {})
+    return _SUBCLASS_WRAPPERS[cls]
+
+
+@contextmanager
+def float_reference(modules: list[nn.Module], on: bool = True) -> Iterator[None]:
+    """Within the block the module-level quantized ``modules`` compute in float (``on``) or
+    quantized (``on=False``), whatever they did before; the analysis's float side."""
+    previous = [m.computes_float for m in modules]
+    for module in modules:
+        module.computes_float = on
+    try:
+        yield
+    finally:
+        for module, value in zip(modules, previous):
+            module.computes_float = value
+
+
 def is_quantized_layer(module: nn.Module) -> bool:
     """Whether ``module`` was quantized at module level by ``quantize_layer_module``."""
     return isinstance(module, _QuantizedLayer)
@@ -94,7 +145,7 @@ def quantize_layer_module(
     """Turn ``module`` (an exact ``nn.Linear``/``nn.ConvNd``/``nn.ConvTransposeNd``) into
     ``quantized_class``, its quantized subclass above (``LayerKind.quantized_module``), in
     place, holding the given quantizers and ``spec``."""
-    if type(module) not in quantized_class.__bases__:
+    if type(module) not in quantized_class.__bases__ and not issubclass(quantized_class, _QuantizedSubclass):
         raise TypeError(f"{quantized_class.__name__} does not quantize a {type(module).__name__}")
     module.__class__ = quantized_class
     module.add_module("weight_fake_quant", weight_quantizer)

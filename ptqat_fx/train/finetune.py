@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from .frozen_parts import train_with_frozen_parts_in_eval
 from ..model_inputs import model_args
 from .distill import distillation_loss
 from ..errors import ConfigError, InputError
@@ -331,7 +332,8 @@ def finetune(
     position = _resume(resume, qmodel, opt, scaler, lr_schedule, run, history) if resume is not None else Position()
     was_training = qmodel.training
     hooks: list = []
-    train_model = _distributed(qmodel.train(), device, hooks)
+    train_with_frozen_parts_in_eval(qmodel)  # BatchNorm statistics / dropout of frozen parts as in eval
+    train_model = _distributed(qmodel, device, hooks)
     if compile:
         train_model = torch.compile(train_model)
     if device.type == "cuda":

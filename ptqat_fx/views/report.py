@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import fx
 
+from ..capture import specialization
 from ..checks import require_quantized
 from ..config import QuantConfig, Select
 from ..layer_graph import layer_graph
@@ -30,6 +31,8 @@ class Report:
         trainable_params / total_params: every parameter of the model (step sizes included).
         notes: remarks a user should not miss (nothing selected, auto-leaves...).
         layer_edges: the layer graph's edges ``(source, target)`` by layer name.
+        shapes: the input shapes the graph (and its nested graphs) serve
+            (``capture.specialization``), the report's first line.
     """
 
     rows: list[LayerRow]
@@ -42,6 +45,7 @@ class Report:
     total_params: int
     notes: list[str] = field(default_factory=list)
     layer_edges: list[tuple[str, str]] = field(default_factory=list)
+    shapes: str = "captured for any input shape"
 
     @property
     def selected(self) -> list[str]:
@@ -58,6 +62,7 @@ class Report:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "notes": self.notes,
+            "shapes": self.shapes,
             "layers": [vars(row) for row in self.rows],
         }
 
@@ -71,7 +76,7 @@ class Report:
     def __str__(self) -> str:
         width = max([len(row.name) for row in self.rows] + [5])
         header = f"{'#':>3}  {'layer':<{width}}  {'kind':<16} {'params':>10} {'bits':>5}  {self.key:>22}  {'train':>5}"
-        lines = [header, "-" * len(header)]
+        lines = [self.shapes, header, "-" * len(header)]
         for row in self.rows:
             bits = bits_label(row.w_bits, row.a_bits)
             value = "-" if row.discrepancy is None else f"{row.discrepancy:.4g}"
@@ -102,10 +107,24 @@ def _notes(rows: list[LayerRow], select: Select | None, gm: fx.GraphModule) -> l
             notes.append(f"theta={select.theta} selected every layer: this is full QAT")
     for leaf in auto_leaves(gm):
         notes.append(
-            f"auto-leaf {leaf.path!r} runs eagerly ({leaf.error}); its layers are quantized at "
-            "module level, not analysed, and stay frozen"
+            f"auto-leaf {leaf.path!r} runs eagerly ({leaf.error}); its layers are quantized, analysed "
+            "and selected at module level"
+            + (f"; left in float: {', '.join(leaf.float_layers)}" if leaf.float_layers else "")
         )
     return notes
+
+
+def _shapes(gm: fx.GraphModule) -> str:
+    """"captured for input shapes x [2, 3, 64, 64]" (the root graph's specialization), and how
+    many nested graphs are specialized to the shapes they were called with."""
+    root = specialization(gm)
+    nested = sum(specialization(m) is not None for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule))
+    text = "captured for any input shape" if root is None else "captured for input shapes " + ", ".join(
+        f"{name} {list(shape)}" for name, shape in root.input_shapes.items()
+    ) + " (other shapes are refused)"
+    if nested:
+        text += f"; {nested} nested graph{'s' if nested > 1 else ''} specialized to the shapes they were called with"
+    return text
 
 
 def report(gm: fx.GraphModule, key: str | None = None) -> Report:
@@ -120,9 +139,9 @@ def report(gm: fx.GraphModule, key: str | None = None) -> Report:
     select: Select | None = selection(gm)
     key = key or str(DiscrepancyKey.of(select))
     rows = [
-        LayerRow(spec.index, spec.name, spec.kind, spec.params, spec.w_bits, spec.a_bits,
+        LayerRow(index, spec.name, spec.kind, spec.params, spec.w_bits, spec.a_bits,
                  spec.discrepancy.get(key), spec.selected, trainable_layer_params(gm, spec))
-        for spec in layer_specs(gm)
+        for index, spec in enumerate(layer_specs(gm))
     ]
     trainable_quantizable = sum(row.trainable_params for row in rows)
     parameters = list(gm.parameters())
@@ -137,4 +156,5 @@ def report(gm: fx.GraphModule, key: str | None = None) -> Report:
         total_params=sum(p.numel() for p in parameters),
         notes=_notes(rows, select, gm),
         layer_edges=list(layer_graph(gm).edges),
+        shapes=_shapes(gm),
     )

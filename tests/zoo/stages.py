@@ -219,7 +219,7 @@ def _finetune(row: StageRow, gm: fx.GraphModule, batches: list[tuple]) -> None:
            and not any(p.requires_grad for p in m.parameters())]
     before = {n: p.detach().clone() for n, p in params.items()}
     bn_before = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
-    ptqat_fx.finetune(gm, batches, loss=_scale_free_loss, steps=2, lr=1e-3, progress=False)
+    ptqat_fx.finetune(gm, batches, loss=_scale_free_loss, loss_takes="batch", steps=2, lr=1e-3, progress=False)
     row.selected = len(selected)
     row.selected_changed = sum(not torch.equal(before[n], params[n]) for n in selected)
     # The last step's gradients are still there (finetune zeroes them before each backward).
