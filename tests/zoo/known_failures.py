@@ -9,7 +9,8 @@ ONNX_DUPLICATE = ("ONNX: a weight quantized at two call sites emits two nodes na
                   "(invalid model)")
 ONNX_QDQ_TYPE = ("ONNX: QuantizeLinear before a Gemm input reshape gets INT8 output_dtype with a UINT8 "
                  "zero point (onnxruntime TypeInferenceError)")
-ONNX_DRIFT = "ONNX vs fake-quant relative L2 above 1e-2 on a whole-traced CNN (cause not yet found)"
+ONNX_DRIFT = ("ONNX vs fake-quant relative L2 above 1e-2 on a whole-traced CNN: float accumulation order "
+              "flips an activation sitting on a rounding tie, and later quantizers amplify it (docs/deploy.md)")
 RANDOM_INIT_W8A8 = "W8A8 error 0.05-0.07 with random init (depthwise/SE outputs of ~1e-10 scale), traced whole"
 
 _IDIOM_LEAVES = ("data_dependent_if", "item_assignment", "no_grad_in_forward", "nonzero_len")
@@ -22,7 +23,8 @@ _TIMM_QDQ = ("timm/swin", "timm/vit", "timm/deit_distilled", "timm/cait", "timm/
 _W8A8_RANDOM = {"timm/mobilenetv3_small_050": 0.071, "timm/mobilenetv4_conv_small": 0.103, "timm/maxvit": 0.070,
                 "timm/mobilevit_xxs": 0.162, "timm/poolformer_s12": 0.052, "timm/fastvit_t8": 0.060,
                 "timm/efficientvit_m0": 0.054}
-_ONNX_DRIFT = {"timm/mobilenetv3_small_050": 0.025, "timm/coatnet": 0.011, "timm/repvit_m0_9": 0.019}
+_ONNX_DRIFT = {"timm/mobilenetv3_small_050": 0.025, "timm/coatnet": 0.011, "timm/repvit_m0_9": 0.019,
+               "timm/ghostnet_100": 0.014}
 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     **{(name, "onnx"): ONNX_QDQ_TYPE for name in _TIMM_QDQ},
@@ -41,10 +43,8 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     **{(name, "onnx"): ONNX_QDQ_TYPE for name in _HF_QDQ},
     **{("hf/gpt2_lm(tied)", line): ("quantize: TypeError: multiple values for argument 'position_ids' (the "
                                     "captured GPT2LMHeadModel's call binds position_ids twice)") for line in _ALL},
-    ("loop_over_shape", "onnx"): ONNX_DUPLICATE,
     ("multihead_attention", "onnx"): ONNX_QDQ_TYPE,
     ("convnext(small config)", "onnx"): ONNX_QDQ_TYPE,
-    ("shared_layer", "onnx"): ONNX_DUPLICATE,
     ("resnet18", "onnx"): ONNX_DRIFT,
     ("regnet_x_400mf", "onnx"): ONNX_DRIFT,
     ("smp/Unet(resnet18)", "onnx"): ONNX_DRIFT,

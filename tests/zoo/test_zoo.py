@@ -7,7 +7,7 @@ import ptqat_fx
 from ptqat_fx import TraceError
 
 from .cases import cases, measure
-from .known_failures import KNOWN_FAILURES
+from .known_failures import KNOWN_FAILURES, ONNX_DRIFT
 from .stages import LINES, StageRow, all_cases, passes, run_stages
 from .torchvision_zoo import load_torchvision
 
@@ -71,7 +71,10 @@ def _params():
     for name in ZOO:
         for line in LINES:
             reason = KNOWN_FAILURES.get((name, line))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            # Drift near the 1e-2 line depends on the runtime's float accumulation order (the
+            # CPU's vector width), so it may pass on another machine: not strict there.
+            strict = not reason.startswith(ONNX_DRIFT) if reason else True
+            marks = [pytest.mark.xfail(strict=strict, reason=reason)] if reason else []
             yield pytest.param(name, line, marks=marks, id=f"{name}-{line}")
 
 
