@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .quantizer import broadcast_scale, fake_quantize_backward
+
 try:  # Triton ships with torch's CUDA build; the CPU build and CI have none.
     import triton
     import triton.language as tl
@@ -32,43 +34,21 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 BLOCK = 1024
 
 
-def _broadcast(scale: torch.Tensor, ndim: int, channel_axis: int | None) -> torch.Tensor:
-    if channel_axis is None:
-        return scale.reshape(())
-    shape = [1] * ndim
-    shape[channel_axis] = -1
-    return scale.reshape(shape)
-
-
 def reference_forward(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None, with_mask: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(round(clamp(x / s, qmin, qmax)) * s`` in float32 cast to ``x``'s dtype, clip mask or an
-    empty bool tensor)``; pure torch, no autograd."""
-    step = _broadcast(scale.detach().float(), x.dim(), channel_axis)
+    empty bool tensor)``; pure torch, no autograd: ``fake_quantize_forward``'s arithmetic with the
+    mask taken from the same division."""
+    step = broadcast_scale(scale.detach().float(), x.dim(), channel_axis)
     scaled = x.detach().float() / step
     mask = (scaled >= qmin) & (scaled <= qmax) if with_mask else x.new_empty((0,), dtype=torch.bool)
     return scaled.clamp_(qmin, qmax).round_().mul_(step).to(x.dtype), mask
 
 
-def reference_backward(
-    x: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, qmin: int, qmax: int,
-    channel_axis: int | None, grad_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSQ gradients (Esser et al., 2020): ``grad_out`` straight through inside [qmin, qmax],
-    zero outside; for the step ``round(v) - v`` inside and the clip bound outside, summed per
-    step and times ``grad_scale``. ``grad_x`` has ``grad_out``'s dtype, the step's ``scale``'s."""
-    step = _broadcast(scale.detach().float(), x.dim(), channel_axis)
-    scaled = x.detach().float() / step
-    inside = (scaled >= qmin) & (scaled <= qmax)
-    grad_x = grad_out * inside
-    d_step = torch.where(inside, scaled.round() - scaled, scaled.clamp(qmin, qmax))
-    per_element = grad_out.float() * d_step
-    if channel_axis is None:
-        grad_step = per_element.sum().reshape(scale.shape)
-    else:
-        grad_step = per_element.transpose(0, channel_axis).flatten(1).sum(1)
-    return grad_x, (grad_step * grad_scale).to(scale.dtype)
+# LSQ's gradients (the straight-through input gradient and the summed step gradient) are the
+# quantizer's own; the Triton backward kernel computes the same in one pass.
+reference_backward = fake_quantize_backward
 
 
 if triton is not None:

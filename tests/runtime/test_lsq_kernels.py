@@ -2,7 +2,6 @@
 (under the Triton interpreter on the CPU, compiled on CUDA), autograd, and torch.compile."""
 from __future__ import annotations
 
-import importlib
 import os
 
 if "triton" not in __import__("sys").modules:
@@ -13,19 +12,8 @@ import pytest
 import torch
 
 from ptqat_fx.runtime import lsq_kernels as K
+from ptqat_fx.runtime import quantizer as Q
 
-
-def _quantizer_module():
-    """Today's quantizer (being moved to ptqat_fx.runtime): the independent reference."""
-    for name in ("ptqat_fx.runtime.quantizer", "ptqat_fx.quantizer"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise ImportError("no ptqat_fx quantizer module")
-
-
-Q = _quantizer_module()
 CASES = [((6, 5, 4, 3), None), ((6, 5, 4, 3), 0), ((6, 5, 4, 3), 1), ((33, 70), 0), ((3000,), None)]
 INTERPRETED = K.triton is not None and type(K._forward_kernel).__name__ == "InterpretedFunction"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 at import")
