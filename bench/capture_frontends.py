@@ -16,26 +16,18 @@ from torch import nn
 from ptqat_fx.capture import trace
 from tests.capture.test_nested import Gated
 from tests.capture.test_shape_idioms import AssertChannels, CompareSizes, FoldSequence, PerSample, Rearranges
+from tests.zoo.models import ClampSTE
 
 
 class WithFunction(nn.Module):
     """A custom autograd.Function between two layers."""
-
-    class Clip(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clamp(-1, 1)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
 
     def forward(self, x):
-        return self.b(self.Clip.apply(self.a(x)))
+        return self.b(ClampSTE.apply(self.a(x)))
 
 
 def _cases() -> dict[str, tuple[nn.Module, tuple]]:
