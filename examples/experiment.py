@@ -233,6 +233,18 @@ def merge_grid(results: dict, task: str, grid: dict) -> None:
     mine["seeds"] = sorted(set(mine["seeds"]) | set(grid["seeds"]))
 
 
+def merge_results(results: dict, part: dict) -> dict:
+    """Add the cells, FP metrics and grid of ``part`` (a results JSON made with the same budget,
+    for example by another process sharing the GPU) to ``results``; returns ``results``."""
+    if part["budget"] != results["budget"]:
+        raise ValueError(f"cannot merge results made with budget {part['budget']} into {results['budget']}")
+    results["cells"].update(part["cells"])
+    results["fp"].update(part["fp"])
+    for task, grid in part["grid"].items():
+        merge_grid(results, task, grid)
+    return results
+
+
 def run_grid(tasks: list[Task], bit_settings: Iterable[str], seeds: Iterable[int], budget: Budget, path: str | Path,
              *, deadline: float = math.inf, only: Iterable[str] | None = None, curve_every: int | None = None,
              log: Callable[[str], None] = print, slowest: dict[str, float] | None = None) -> dict:
@@ -410,12 +422,24 @@ def main() -> None:
     run.add_argument("--checkpoint", default=None, help="FP checkpoint of a Fashion-MNIST task")
     run.add_argument("--train-images", type=int, default=None)
     run.add_argument("--test-images", type=int, default=None)
+    join = commands.add_parser("merge", help="merge results JSONs of one budget (e.g. parallel runs) into one")
+    join.add_argument("out", help="written; its cells, if it exists, are kept")
+    join.add_argument("parts", nargs="+")
     show = commands.add_parser("table", help="markdown tables of a results JSON")
     show.add_argument("results")
     show.add_argument("--metric", default=None, help="a metric other than each task's headline one")
     args = parser.parse_args()
     if args.command == "table":
         print(table(json.loads(Path(args.results).read_text()), args.metric))
+        return
+    if args.command == "merge":
+        parts = [json.loads(Path(part).read_text()) for part in args.parts]
+        out = Path(args.out)
+        merged = json.loads(out.read_text()) if out.is_file() else {**parts[0], "cells": {}, "fp": {}, "grid": {}}
+        for part in parts:
+            merge_results(merged, part)
+        _write(out, merged)
+        print(f"{out}: {len(merged['cells'])} cells")
         return
     deadline = time.perf_counter() + args.seconds
     budget = Budget(args.steps, args.lr, args.calib_batches, args.objective)

@@ -78,11 +78,7 @@ def run_workers(args: argparse.Namespace, out: Path, deadline: float) -> dict:
         part_path = out / f"part{k}.json"
         if not part_path.is_file():
             continue
-        part = json.loads(part_path.read_text())
-        merged["cells"].update(part["cells"])
-        merged["fp"].update(part["fp"])
-        for task, grid in part["grid"].items():
-            experiment.merge_grid(merged, task, grid)
+        experiment.merge_results(merged, json.loads(part_path.read_text()))
         part_path.unlink()
     merged["workers"] = args.workers
     (out / "results.json").write_text(json.dumps(merged, indent=1))

@@ -168,3 +168,18 @@ def test_fashion_mnist_reader_and_packer(tmp_path) -> None:
     (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + bytes(8)))
     with pytest.raises(ValueError, match="bad.gz"):
         fmnist_data.read_idx(tmp_path / "bad.gz")
+
+
+def test_merge_joins_parallel_runs_and_refuses_another_budget(tmp_path) -> None:
+    only = ["PTQ"]
+    parts = []
+    for seed in (0, 1):
+        path = tmp_path / f"part{seed}.json"
+        parts.append(experiment.run_grid([tiny_task()], ["W4A8"], [seed], BUDGET, path, only=only, log=lambda _: None))
+    merged = experiment.merge_results(json.loads(json.dumps(parts[0])), parts[1])
+    assert set(merged["cells"]) == set(parts[0]["cells"]) | set(parts[1]["cells"]) and len(merged["cells"]) == 2
+    assert merged["grid"]["tiny"]["seeds"] == [0, 1]
+    other = experiment.run_grid([tiny_task()], ["W4A8"], [0], experiment.Budget(steps=1), tmp_path / "other.json",
+                                only=only, log=lambda _: None)
+    with pytest.raises(ValueError, match="budget"):
+        experiment.merge_results(merged, other)
