@@ -385,7 +385,7 @@ def bev_detection_task(name: str, *, device: str | torch.device = "cpu", pool: i
 
     return Task(
         f"bev-{name}", lambda: train.build(name, checkpoint).to(device).eval(), make_train_batches,
-        lambda model: train.evaluate(model, module, val_set, decode=reference.decode),
+        lambda model: train.evaluate(model, module, val_set, batch=batch, decode=reference.decode),
         lambda outputs, batch_: sum(reference.loss(outputs, batch_).values()), module.inputs, metric="mAP",
     )
 
