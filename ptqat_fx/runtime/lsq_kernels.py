@@ -80,12 +80,15 @@ if triton is not None:
             tl.store(mask_ptr + offsets, inside.to(tl.int8), mask=valid)
 
     @triton.jit
-    def _backward_kernel(x_ptr, scale_ptr, grad_ptr, grad_x_ptr, partial_ptr, k, qmin, qmax,
+    def _backward_kernel(x_ptr, scale_ptr, grad_ptr, grad_x_ptr, partial_ptr, k, blocks, qmin, qmax,
                          PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
-        # Grid (rows, blocks per row): one row per step (a channel, or the whole tensor).
-        row = tl.program_id(0).to(tl.int64)
-        block = tl.program_id(1)
-        within = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # One program per block of a row (a row per step: a channel, or the whole tensor), on a
+        # one-dimensional grid: CUDA limits a grid's other dimensions to 65535, fewer blocks
+        # than a large activation has, or rows than a large vocabulary's head.
+        program = tl.program_id(0).to(tl.int64)
+        row = program // blocks
+        block = program % blocks
+        within = block * BLOCK + tl.arange(0, BLOCK)
         valid = within < k
         offsets = row * k + within
         if PER_CHANNEL:
@@ -103,7 +106,7 @@ if triton is not None:
         rounded = (scaled + 12582912.0) - 12582912.0  # ties to even; see _forward_kernel
         d_step = tl.where(inside, rounded - scaled, tl.minimum(tl.maximum(scaled, qmin), qmax))
         contribution = tl.where(valid, grad * d_step, 0.0)
-        tl.store(partial_ptr + row * tl.num_programs(1) + block, tl.sum(contribution, axis=0))
+        tl.store(partial_ptr + program, tl.sum(contribution, axis=0))
 
 
 def _kernel(kernel, device: torch.device):
@@ -176,8 +179,8 @@ def triton_backward(
     blocks = max(triton.cdiv(k, BLOCK), 1)
     partial = torch.zeros((rows, blocks), dtype=torch.float32, device=x.device)
     if x_rows.numel():
-        _kernel(_backward_kernel, x.device)[(rows, blocks)](
-            x_rows, scale.detach().float().contiguous(), grad_rows, grad_x, partial, k, float(qmin), float(qmax),
+        _kernel(_backward_kernel, x.device)[(rows * blocks,)](
+            x_rows, scale.detach().float().contiguous(), grad_rows, grad_x, partial, k, blocks, float(qmin), float(qmax),
             PER_CHANNEL=channel_axis is not None, BLOCK=BLOCK,
         )
     grad_step = partial.sum(1).reshape(scale.shape) * grad_scale
