@@ -19,7 +19,9 @@ or a compiled gradient further from eager than the float arms' own difference al
 Step time: CUDA events around each step (forward, loss, backward, optimizer step), median of
 ``--steps`` steps after ``--warmup``. Peak memory: ``max_memory_allocated`` over the timed
 steps, the model's weights, gradients and optimizer state included. ``--profile`` prints the
-top CUDA ops of a few steps of the named arms.
+top CUDA ops of a few steps of the named arms. ``--kernels-off-too`` also times each quantized
+arm eager with the fused LSQ kernels off (``lsq_kernels.ENABLED``), after checking that the
+kernels' gradients are the pure-torch quantizer's.
 
     PYTHONPATH=. python bench/train_step.py --device cuda --out bench/train_step.json
     PYTHONPATH=. python bench/train_step.py --device cpu --tiny     # a smoke run, no GPU
@@ -38,13 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import ptqat_fx
-from bench.grad_check import grad_check, tolerance_from_floor
+from bench.grad_check import GradientCheckError, grad_check, tolerance_from_floor
 from bench.torch_ao_lsq import prepare_torch_ao_lsq
-from ptqat_fx.passes.freeze import FLOAT_WEIGHT_KEY
+from ptqat_fx.meta import float_weight
+from ptqat_fx.runtime import lsq_kernels
 from tests.zoo.torchvision_zoo import load_torchvision
 
 ARMS = ("fp32", "floor", "floor_all", "torch_ao_lsq", "ours_qat", "ptqat_small_0.5")
 FLOAT_ARMS = ("fp32", "floor", "floor_all")
+# Relative gradient difference allowed between the kernels and the pure-torch quantizer: both
+# compute the same masks and roundings; only the order of the step-gradient sums differs.
+KERNEL_TOLERANCE = 1e-3
 # The floor each quantized arm is compared with.
 FLOOR_OF = {"ptqat_small_0.5": "floor", "ours_qat": "floor_all"}
 
@@ -79,8 +85,8 @@ def strip_quantizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ == "FakeQuantizer":
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-        elif node.op == "get_attr" and FLOAT_WEIGHT_KEY in node.meta:
-            node.target = node.meta[FLOAT_WEIGHT_KEY]
+        elif node.op == "get_attr" and float_weight(node) is not None:
+            node.target = float_weight(node)
         elif node.op == "call_function" and hasattr(node.target, "float_reference"):
             node.target = node.target.float_reference
     for name, parameter in gm.named_parameters():
@@ -161,6 +167,40 @@ def time_steps(model: nn.Module, forward: Callable, shape: tuple[int, ...], devi
             "trainable_params": sum(p.numel() for p in trainable)}
 
 
+def _eager_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for parameter in trainable.values():
+        parameter.grad = None
+    F.cross_entropy(model(x), y).backward()
+    grads = {name: p.grad.detach().float().clone() for name, p in trainable.items()}
+    for parameter in trainable.values():
+        parameter.grad = None
+    return grads
+
+
+def kernels_off_row(model: nn.Module, shape: tuple[int, ...], device: torch.device, args: argparse.Namespace,
+                    x: torch.Tensor, y: torch.Tensor, label: str) -> dict:
+    """The eager step of ``model`` with the fused LSQ kernels off (the pure-torch quantizer),
+    after checking that its gradients are the kernels' (within ``KERNEL_TOLERANCE``: the
+    kernels sum step gradients in another order); raises ``GradientCheckError`` otherwise."""
+    with_kernels = _eager_gradients(model, x, y)
+    lsq_kernels.ENABLED = False
+    try:
+        without = _eager_gradients(model, x, y)
+        worst, worst_name = 0.0, None
+        for name, grad in with_kernels.items():
+            difference = float((without[name] - grad).norm() / grad.norm().clamp_min(1e-30))
+            if not difference <= worst:
+                worst, worst_name = difference, name
+        if not worst <= KERNEL_TOLERANCE:
+            raise GradientCheckError(f"{label}: the fused kernels' gradient of {worst_name} differs from the "
+                                     f"pure-torch quantizer's by {worst:.2e} (tolerance {KERNEL_TOLERANCE:.0e})")
+        row = time_steps(model, model, shape, device, args.warmup, args.steps)
+    finally:
+        lsq_kernels.ENABLED = True
+    return {**row, "kernels_vs_torch_worst_rel_diff": worst, "worst_tensor": worst_name}
+
+
 def profile_steps(model: nn.Module, shape: tuple[int, ...], device: torch.device, rows: int) -> str:
     """The top ops by self device time over 3 steps, as the torch profiler's table."""
     generator = torch.Generator(device=device).manual_seed(3)
@@ -192,6 +232,8 @@ def main() -> None:
     parser.add_argument("--compile-arms", nargs="*", default=[])
     parser.add_argument("--compile-backend", default="inductor", help="aot_eager for a quick CPU check")
     parser.add_argument("--profile-arms", nargs="*", default=[])
+    parser.add_argument("--kernels-off-too", action="store_true",
+                        help="also time each quantized arm eager with the fused LSQ kernels off (row '<arm> kernels off')")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--calib-batches", type=int, default=2)
@@ -223,20 +265,23 @@ def main() -> None:
         rows = results["models"].setdefault(name, {})
         torch._dynamo.reset()
         labels = [arm] + ([f"{arm} compiled"] if arm in args.compile_arms else [])
+        labels += [f"{arm} kernels off"] if args.kernels_off_too and arm not in FLOAT_ARMS else []
         if time.perf_counter() - started > args.budget_s:
             rows.update({label: {"skipped": "time budget"} for label in labels})
             continue
         try:
             model = make_arm(arm, copy.deepcopy(bases[name]).to(device), shape, device, args.calib_batches, config)
             x, y = _batch(shape, device)
-            compiled = torch.compile(model, backend=args.compile_backend) if len(labels) > 1 else None
+            compiled = torch.compile(model, backend=args.compile_backend) if arm in args.compile_arms else None
             tolerance = tolerance_from_floor(float_diffs[name]) if arm not in FLOAT_ARMS and float_diffs[name] else None
             check = grad_check(model, compiled, (x,), lambda out: F.cross_entropy(out, y), tolerance, f"{name}/{arm}")
             if arm in FLOAT_ARMS and compiled is not None:
                 float_diffs[name].append(check["worst_rel_diff"])
             rows[arm] = {**time_steps(model, model, shape, device, args.warmup, args.steps), "grad_check": check}
+            if args.kernels_off_too and arm not in FLOAT_ARMS:
+                rows[f"{arm} kernels off"] = kernels_off_row(model, shape, device, args, x, y, f"{name}/{arm}")
             if compiled is not None:
-                rows[labels[1]] = {**time_steps(model, compiled, shape, device, args.warmup, args.steps),
+                rows[f"{arm} compiled"] = {**time_steps(model, compiled, shape, device, args.warmup, args.steps),
                                    "grad_check": check}
             if arm in args.profile_arms:
                 profiles.append(f"== {name} / {arm}\n{profile_steps(model, shape, device, 15)}")
@@ -271,7 +316,8 @@ def print_table(results: dict) -> None:
             if "step_ms" not in row:
                 print(f"| {name} | {label} | {row.get('error') or row.get('skipped')} | | | | | |")
                 continue
-            floor = rows.get(FLOOR_OF.get(label.removesuffix(" compiled"), "") + suffix, {})
+            arm = label.removesuffix(" compiled").removesuffix(" kernels off")
+            floor = rows.get(FLOOR_OF.get(arm, "") + suffix, {})
             time_ratio = row["step_ms"] / base["step_ms"] if "step_ms" in base else float("nan")
             floor_ratio = row["step_ms"] / floor["step_ms"] if "step_ms" in floor else float("nan")
             memory_ratio = row["peak_bytes"] / base["peak_bytes"] if base.get("peak_bytes") else float("nan")

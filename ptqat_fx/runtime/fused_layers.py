@@ -7,9 +7,11 @@ and recompute the quantized input in backward from it and the step size, so a tr
 costs what the float layer costs. ``x`` is often kept anyway (a ReLU keeps its output), so the
 saving is a whole activation per trainable layer.
 
-Under ``torch.compile`` each function is its plain composition (input quantizer, then the
-layer) in differentiable ops: the compiler decides what backward keeps, and torch 2.11
-miscompiles gradients through custom ``autograd.Function``s (see ``quantizer``).
+Eagerly, the input's fake quantization (forward, recomputation, and its backward) is one
+fused kernel each on CUDA (``lsq_kernels``). Under ``torch.compile`` each function is its
+plain composition (``lsq_fake_quantize``, then the layer): the compiler decides what backward
+keeps, and torch 2.11 miscompiles gradients through custom ``autograd.Function``s (see
+``quantizer``).
 
 Each function's ``float_reference`` computes the same layer without input quantization; the
 discrepancy analysis uses it as the float side.
@@ -19,15 +21,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantizer import (
-    fake_quantize_backward,
-    fake_quantize_forward,
-    lsq_fake_quantize,
-    lsq_fake_quantize_ops,
-    lsq_grad_scale,
-)
+from . import lsq_kernels
+from .lsq_arithmetic import lsq_grad_scale
+from .quantizer import lsq_fake_quantize
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The input's per-tensor fake quantization, one fused kernel on CUDA."""
+    return lsq_kernels.forward_pass(x, scale, qmin, qmax, None)[0]
 
 
 def _expand(value: int | tuple, spatial: int) -> list[int]:
@@ -40,7 +43,7 @@ class _QuantizedInputLinear(torch.autograd.Function):
         ctx.quant = (qmin, qmax, grad_scale)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, scale, weight)
-        return F.linear(fake_quantize_forward(x, scale, qmin, qmax, None), weight, bias)
+        return F.linear(_quantize(x, scale, qmin, qmax), weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -50,11 +53,11 @@ class _QuantizedInputLinear(torch.autograd.Function):
         grad_weight = grad_bias = None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[5]:
-            x_q = fake_quantize_forward(x, scale, qmin, qmax, None).to(grad_out.dtype)
+            x_q = _quantize(x, scale, qmin, qmax).to(grad_out.dtype)
             grad_weight = (flat_grad.t() @ x_q.reshape(-1, x_q.shape[-1])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_bias = flat_grad.sum(0).to(weight.dtype)
-        grad_x, grad_step = fake_quantize_backward(
+        grad_x, grad_step = lsq_kernels.backward_pass(
             x, scale, grad_input, qmin, qmax, None, grad_scale, ctx.needs_input_grad[1]
         )
         return grad_x.to(x.dtype), grad_step, None, None, None, grad_weight, grad_bias
@@ -70,7 +73,7 @@ class _QuantizedInputConv(torch.autograd.Function):
             None if bias is None else list(bias.shape),
         )
         ctx.save_for_backward(x, scale, weight)
-        x_q = fake_quantize_forward(x, scale, qmin, qmax, None)
+        x_q = _quantize(x, scale, qmin, qmax)
         return _CONV[spatial](x_q, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -78,13 +81,13 @@ class _QuantizedInputConv(torch.autograd.Function):
         x, scale, weight = ctx.saved_tensors
         qmin, qmax, grad_scale = ctx.quant
         stride, padding, dilation, groups, bias_shape = ctx.geometry
-        x_q = fake_quantize_forward(x, scale, qmin, qmax, None).to(grad_out.dtype)
+        x_q = _quantize(x, scale, qmin, qmax).to(grad_out.dtype)
         mask = [True, ctx.needs_input_grad[5], bias_shape is not None and ctx.needs_input_grad[6]]
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, x_q, weight.to(grad_out.dtype), bias_shape, stride, padding, dilation,
             False, [0] * len(stride), groups, mask,
         )
-        grad_x, grad_step = fake_quantize_backward(
+        grad_x, grad_step = lsq_kernels.backward_pass(
             x, scale, grad_input, qmin, qmax, None, grad_scale, ctx.needs_input_grad[1]
         )
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
@@ -98,22 +101,22 @@ class _QuantizedInputMatmul(torch.autograd.Function):
     def forward(ctx, a, a_scale, a_qmin, a_qmax, a_grad_scale, b, b_scale, b_qmin, b_qmax, b_grad_scale):
         ctx.quant = ((a_qmin, a_qmax, a_grad_scale), (b_qmin, b_qmax, b_grad_scale))
         ctx.save_for_backward(a, a_scale, b, b_scale)
-        a_q = fake_quantize_forward(a, a_scale, a_qmin, a_qmax, None)
-        b_q = fake_quantize_forward(b, b_scale, b_qmin, b_qmax, None)
+        a_q = _quantize(a, a_scale, a_qmin, a_qmax)
+        b_q = _quantize(b, b_scale, b_qmin, b_qmax)
         return torch.matmul(a_q, b_q)
 
     @staticmethod
     def backward(ctx, grad_out):
         a, a_scale, b, b_scale = ctx.saved_tensors
         (a_qmin, a_qmax, a_grad_scale), (b_qmin, b_qmax, b_grad_scale) = ctx.quant
-        a_q = fake_quantize_forward(a, a_scale, a_qmin, a_qmax, None).to(grad_out.dtype)
-        b_q = fake_quantize_forward(b, b_scale, b_qmin, b_qmax, None).to(grad_out.dtype)
+        a_q = _quantize(a, a_scale, a_qmin, a_qmax).to(grad_out.dtype)
+        b_q = _quantize(b, b_scale, b_qmin, b_qmax).to(grad_out.dtype)
         grad_a_q = (grad_out @ b_q.transpose(-2, -1)).sum_to_size(a.shape)
         grad_b_q = (a_q.transpose(-2, -1) @ grad_out).sum_to_size(b.shape)
-        grad_a, grad_a_step = fake_quantize_backward(
+        grad_a, grad_a_step = lsq_kernels.backward_pass(
             a, a_scale, grad_a_q, a_qmin, a_qmax, None, a_grad_scale, ctx.needs_input_grad[1]
         )
-        grad_b, grad_b_step = fake_quantize_backward(
+        grad_b, grad_b_step = lsq_kernels.backward_pass(
             b, b_scale, grad_b_q, b_qmin, b_qmax, None, b_grad_scale, ctx.needs_input_grad[6]
         )
         return (grad_a.to(a.dtype), grad_a_step, None, None, None,
@@ -123,14 +126,14 @@ class _QuantizedInputMatmul(torch.autograd.Function):
 def quantized_linear(x, scale, qmin: int, qmax: int, weight, bias=None) -> torch.Tensor:
     """``F.linear(fake_quant(x, scale), weight, bias)`` that keeps only ``x`` for backward."""
     if torch.compiler.is_compiling():
-        return F.linear(lsq_fake_quantize_ops(x, scale, qmin, qmax), weight, bias)
+        return F.linear(lsq_fake_quantize(x, scale, qmin, qmax), weight, bias)
     return _QuantizedInputLinear.apply(x, scale, qmin, qmax, lsq_grad_scale(x, scale, qmax), weight, bias)
 
 
 def quantized_conv(x, scale, qmin: int, qmax: int, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv{1,2,3}d(fake_quant(x, scale), weight, ...)`` that keeps only ``x`` for backward."""
     if torch.compiler.is_compiling():
-        x_q = lsq_fake_quantize_ops(x, scale, qmin, qmax)
+        x_q = lsq_fake_quantize(x, scale, qmin, qmax)
         return _CONV[weight.dim() - 2](x_q, weight, bias, stride, padding, dilation, groups)
     return _QuantizedInputConv.apply(
         x, scale, qmin, qmax, lsq_grad_scale(x, scale, qmax), weight, bias, stride, padding, dilation, groups

@@ -4,26 +4,36 @@ Eager training ran the LSQ arithmetic as a chain of element-wise kernels (divide
 round, multiply forward; divide, compare, round, subtract, where, multiply, sum backward),
 each a full pass over the activation. Here each direction is one pass:
 
-* ``lsq_forward``: ``round(clamp(x / s, qmin, qmax)) * s`` and, for a frozen step, the
+* ``triton_forward``: ``round(clamp(x / s, qmin, qmax)) * s`` and, for a frozen step, the
   one-byte clip mask in the same pass.
-* ``lsq_backward``: the straight-through input gradient and the per-block partial sums of
+* ``triton_backward``: the straight-through input gradient and the per-block partial sums of
   the step-size gradient in one pass; the partials (a few per thousand elements) are summed
   afterwards so the result is deterministic (no atomics).
 
-Both are ``torch.library`` custom ops (``ptqat::lsq_forward``, ``ptqat::lsq_backward``) with
-fake implementations, and ``lsq_fake_quantize`` is a custom op with autograd, so
-``torch.compile(fullgraph=True)`` sees one node per quantizer and no graph break. On CUDA
-the kernels are Triton; everywhere else (and as the reference) the pure-torch code below,
-which is today's ``fake_quantize_forward`` / ``fake_quantize_backward`` arithmetic.
+Where they run (``applies``): CUDA tensors, when triton imports and ``ENABLED`` (the
+environment variable ``PTQAT_FX_LSQ_KERNELS=0`` turns them off, to compare or to rule them
+out). Everywhere else the pure-torch reference (``lsq_arithmetic``) runs, and the kernels are
+tested bit for bit against it. ``forward_pass`` / ``backward_pass`` are that choice for code
+that runs eagerly inside its own ``autograd.Function`` (the fused layers).
 
-Saved for backward: ``x`` and ``scale`` when the step trains (or ``save_input`` says ``x`` is
-kept anyway), else only the one-byte mask; as ``_LSQFunction`` does.
+``lsq_fake_quantize`` is a ``torch.library`` custom op (``ptqat::lsq_fake_quantize``) with
+autograd and a fake implementation; its backward is a second one (``ptqat::lsq_backward``)
+whose CUDA kernel is the Triton one. ``torch.compile`` sees one
+opaque node per quantizer and no graph break, and does not trace into it: the
+``autograd.Function`` miscompilation of torch 2.11 (pytorch/pytorch#180642, dynamo's tracing
+of an ``autograd.Function`` forward that mutates in place) does not reach it, and compiled
+code divides exactly as eager does (inductor's own division on CUDA is approximate, which
+moves values at the clip bound across it). Saved for backward: ``x`` and ``scale`` when the
+step trains (or ``save_input`` says ``x`` is kept anyway), else only the one-byte mask; as
+the quantizer's ``_LSQFunction`` does.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .quantizer import broadcast_scale, fake_quantize_backward
+from .lsq_arithmetic import fake_quantize_and_mask, fake_quantize_backward, lsq_grad_scale
 
 try:  # Triton ships with torch's CUDA build; the CPU build and CI have none.
     import triton
@@ -32,23 +42,17 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 BLOCK = 1024
+# Read at each call, so a benchmark can time the same model with the kernels on and off.
+ENABLED = os.environ.get("PTQAT_FX_LSQ_KERNELS", "1") != "0"
 
-
-def reference_forward(
-    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None, with_mask: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(round(clamp(x / s, qmin, qmax)) * s`` in float32 cast to ``x``'s dtype, clip mask or an
-    empty bool tensor)``; pure torch, no autograd: ``fake_quantize_forward``'s arithmetic with the
-    mask taken from the same division."""
-    step = broadcast_scale(scale.detach().float(), x.dim(), channel_axis)
-    scaled = x.detach().float() / step
-    mask = (scaled >= qmin) & (scaled <= qmax) if with_mask else x.new_empty((0,), dtype=torch.bool)
-    return scaled.clamp_(qmin, qmax).round_().mul_(step).to(x.dtype), mask
-
-
-# LSQ's gradients (the straight-through input gradient and the summed step gradient) are the
-# quantizer's own; the Triton backward kernel computes the same in one pass.
+# The pure-torch forms the kernels must reproduce, and the custom ops' implementation off CUDA.
+reference_forward = fake_quantize_and_mask
 reference_backward = fake_quantize_backward
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the fused kernels run for ``x``: a CUDA tensor, triton importable, ``ENABLED``."""
+    return ENABLED and triton is not None and x.device.type == "cuda"
 
 
 if triton is not None:
@@ -76,12 +80,15 @@ if triton is not None:
             tl.store(mask_ptr + offsets, inside.to(tl.int8), mask=valid)
 
     @triton.jit
-    def _backward_kernel(x_ptr, scale_ptr, grad_ptr, grad_x_ptr, partial_ptr, k, qmin, qmax,
+    def _backward_kernel(x_ptr, scale_ptr, grad_ptr, grad_x_ptr, partial_ptr, k, blocks, qmin, qmax,
                          PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
-        # Grid (rows, blocks per row): one row per step (a channel, or the whole tensor).
-        row = tl.program_id(0).to(tl.int64)
-        block = tl.program_id(1)
-        within = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # One program per block of a row (a row per step: a channel, or the whole tensor), on a
+        # one-dimensional grid: CUDA limits a grid's other dimensions to 65535, fewer blocks
+        # than a large activation has, or rows than a large vocabulary's head.
+        program = tl.program_id(0).to(tl.int64)
+        row = program // blocks
+        block = program % blocks
+        within = block * BLOCK + tl.arange(0, BLOCK)
         valid = within < k
         offsets = row * k + within
         if PER_CHANNEL:
@@ -99,7 +106,7 @@ if triton is not None:
         rounded = (scaled + 12582912.0) - 12582912.0  # ties to even; see _forward_kernel
         d_step = tl.where(inside, rounded - scaled, tl.minimum(tl.maximum(scaled, qmin), qmax))
         contribution = tl.where(valid, grad * d_step, 0.0)
-        tl.store(partial_ptr + row * tl.num_programs(1) + block, tl.sum(contribution, axis=0))
+        tl.store(partial_ptr + program, tl.sum(contribution, axis=0))
 
 
 def _kernel(kernel, device: torch.device):
@@ -114,11 +121,28 @@ def _kernel(kernel, device: torch.device):
     )
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill a block of memory without gaps or overlaps, in any order of
+    the dims (contiguous, channels-last, transposed), so that an element-wise kernel can run
+    over that memory as it lies: no copy in, and ``empty_like`` gives the output the same
+    strides, so no copy out."""
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda pair: pair[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
 def triton_forward(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None, with_mask: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference_forward`` in one Triton pass (any device Triton runs on)."""
-    dense = x.contiguous()
+    # One step for the whole tensor does not care about the layout; one per channel needs
+    # the contiguous one to find an element's channel.
+    as_laid_out = x.is_contiguous() or (channel_axis is None and _dense(x))
+    dense = x if as_laid_out else x.contiguous()
     out = torch.empty_like(dense)
     mask = torch.empty_like(dense, dtype=torch.bool) if with_mask else x.new_empty((0,), dtype=torch.bool)
     n = dense.numel()
@@ -142,49 +166,62 @@ def triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference_backward`` in one Triton pass plus a sum over per-block partials."""
     axis = 0 if channel_axis is None else channel_axis
-    # Rows are the slices sharing one step, laid out contiguously.
-    x_rows = x.detach().movedim(axis, 0).contiguous()
-    grad_rows = grad_out.movedim(axis, 0).contiguous()
+    # Rows are the slices sharing one step, laid out contiguously; one step for the whole
+    # tensor takes any dense layout that x and the gradient share.
+    if channel_axis is None and _dense(x) and grad_out.stride() == x.stride():
+        x_rows, grad_rows = x.detach(), grad_out
+    else:
+        x_rows = x.detach().movedim(axis, 0).contiguous()
+        grad_rows = grad_out.movedim(axis, 0).contiguous()
     rows = 1 if channel_axis is None else x_rows.shape[0]
     k = x_rows.numel() // max(rows, 1)
     grad_x = torch.empty_like(grad_rows)
     blocks = max(triton.cdiv(k, BLOCK), 1)
     partial = torch.zeros((rows, blocks), dtype=torch.float32, device=x.device)
     if x_rows.numel():
-        _kernel(_backward_kernel, x.device)[(rows, blocks)](
-            x_rows, scale.detach().float().contiguous(), grad_rows, grad_x, partial, k, float(qmin), float(qmax),
+        _kernel(_backward_kernel, x.device)[(rows * blocks,)](
+            x_rows, scale.detach().float().contiguous(), grad_rows, grad_x, partial, k, blocks, float(qmin), float(qmax),
             PER_CHANNEL=channel_axis is not None, BLOCK=BLOCK,
         )
     grad_step = partial.sum(1).reshape(scale.shape) * grad_scale
-    grad_x = grad_x.movedim(0, axis)
+    if grad_rows is not grad_out:
+        grad_x = grad_x.movedim(0, axis)
     if grad_x.stride() != grad_out.stride():
         grad_x = torch.empty_like(grad_out).copy_(grad_x)
     return grad_x, grad_step.to(scale.dtype)
 
 
+def forward_pass(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None, with_mask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_forward``, in the fused kernel where it ``applies``; for eager code."""
+    return (triton_forward if applies(x) else reference_forward)(x, scale, qmin, qmax, channel_axis, with_mask)
+
+
+def backward_pass(
+    x: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, qmin: int, qmax: int,
+    channel_axis: int | None, grad_scale: float, need_scale_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``reference_backward``, in the fused kernel where it ``applies`` (which computes the
+    step gradient in the same pass whether asked or not); for eager code."""
+    if not applies(x):
+        return reference_backward(x, scale, grad_out, qmin, qmax, channel_axis, grad_scale, need_scale_grad)
+    grad_x, grad_step = triton_backward(x, scale, grad_out, qmin, qmax, channel_axis, grad_scale)
+    return grad_x, grad_step if need_scale_grad else None
+
+
 # ---- torch.library registration -------------------------------------------------------
 
-_FORWARD_SCHEMA = "(Tensor x, Tensor scale, int qmin, int qmax, int? channel_axis, bool with_mask) -> (Tensor, Tensor)"
 _BACKWARD_SCHEMA = ("(Tensor x, Tensor scale, Tensor grad_out, int qmin, int qmax, int? channel_axis, "
                     "float grad_scale) -> (Tensor, Tensor)")
 
 
-@torch.library.custom_op("ptqat::lsq_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
-def lsq_forward(x, scale, qmin, qmax, channel_axis, with_mask):
-    """Fake-quantized ``x`` and (``with_mask``) its clip mask; see ``reference_forward``."""
-    return reference_forward(x, scale, qmin, qmax, channel_axis, with_mask)
-
-
+# The backward is an op of its own so that compiled code can trace the autograd formula
+# (``_backward``) into its backward graph; the forward never needs tracing into.
 @torch.library.custom_op("ptqat::lsq_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def lsq_backward(x, scale, grad_out, qmin, qmax, channel_axis, grad_scale):
     """``(grad_x, grad_step)`` of LSQ fake quantization; see ``reference_backward``."""
     return reference_backward(x, scale, grad_out, qmin, qmax, channel_axis, grad_scale)
-
-
-@lsq_forward.register_fake
-def _(x, scale, qmin, qmax, channel_axis, with_mask):
-    mask = torch.empty_like(x, dtype=torch.bool) if with_mask else x.new_empty((0,), dtype=torch.bool)
-    return torch.empty_like(x), mask
 
 
 @lsq_backward.register_fake
@@ -193,13 +230,7 @@ def _(x, scale, grad_out, qmin, qmax, channel_axis, grad_scale):
 
 
 if triton is not None:
-    lsq_forward.register_kernel("cuda")(triton_forward)
     lsq_backward.register_kernel("cuda")(triton_backward)
-
-
-def lsq_grad_scale(numel: int, steps: int, qmax: int) -> float:
-    """LSQ's step-gradient scale 1 / sqrt(N * qmax), N the elements sharing one step."""
-    return 1.0 / (numel // steps * max(qmax, 1)) ** 0.5
 
 
 _FAKE_QUANT_SCHEMA = ("(Tensor x, Tensor scale, int qmin, int qmax, int? channel_axis, bool keep_input) "
@@ -210,8 +241,7 @@ _FAKE_QUANT_SCHEMA = ("(Tensor x, Tensor scale, int qmin, int qmax, int? channel
 def _fake_quantize_op(x, scale, qmin, qmax, channel_axis, keep_input):
     # The mask (only for a frozen step) comes out of the same forward pass; autograd sees it
     # as a second, non-differentiable output.
-    out, mask = lsq_forward(x, scale, qmin, qmax, channel_axis, not keep_input)
-    return out, mask
+    return forward_pass(x, scale, qmin, qmax, channel_axis, not keep_input)
 
 
 @_fake_quantize_op.register_fake
@@ -236,7 +266,7 @@ def _backward(ctx, grad_out, _grad_mask):
     # The step gradient is computed whether or not needs_input_grad asks for it: torch 2.11's
     # compile has reported needs_input_grad False for tensors that do need a gradient.
     grad_x, grad_step = lsq_backward(
-        x, scale, grad_out, qmin, qmax, channel_axis, lsq_grad_scale(x.numel(), scale.numel(), qmax)
+        x, scale, grad_out, qmin, qmax, channel_axis, lsq_grad_scale(x, scale, qmax)
     )
     return grad_x, grad_step, None, None, None, None
 
@@ -250,5 +280,7 @@ def lsq_fake_quantize(
 ) -> torch.Tensor:
     """Fake-quantize ``x`` with step ``scale`` and the LSQ gradients; the drop-in for
     ``quantizer.lsq_fake_quantize`` (same arguments, same saved tensors)."""
-    keep_input = bool(save_input or (scale.requires_grad and torch.is_grad_enabled()))
+    # The mask only for an input gradient through a frozen step; no autograd, no mask.
+    needs_mask = torch.is_grad_enabled() and x.requires_grad and not scale.requires_grad
+    keep_input = bool(save_input or not needs_mask)
     return _fake_quantize_op(x, scale, qmin, qmax, channel_axis, keep_input)[0]

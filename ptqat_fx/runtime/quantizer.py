@@ -9,12 +9,16 @@ The arithmetic is one ``autograd.Function`` rather than a chain of differentiabl
 that training keeps only the input for backward (the chain ``x / s -> clamp -> round -> * s``
 would keep three more tensors of the input's size); the clip mask and the step-size
 gradient are recomputed from it. When the step size is frozen, only a one-byte mask is kept.
-The function is pure tensor code with no host synchronisation, so it runs under autocast.
+On CUDA its forward and its backward are one fused Triton kernel each (``lsq_kernels``);
+elsewhere the pure-torch reference (``lsq_arithmetic``). Either is tensor code with no host
+synchronisation, so it runs under autocast.
 
-Under ``torch.compile`` the same arithmetic runs as differentiable tensor ops instead
-(``lsq_fake_quantize_ops``): the compiler fuses them and chooses what to keep for backward
-itself, and torch 2.11 computes wrong gradients for inputs of a custom ``autograd.Function``
-in compiled code (pytorch/pytorch#180642: every weight's gradient came out zero).
+Under ``torch.compile``, where torch 2.11 computes wrong gradients for inputs of a custom
+``autograd.Function`` (pytorch/pytorch#180642: every weight's gradient came out zero), CUDA
+tensors take the ``torch.library`` custom op of the same kernels, which the compiler keeps as
+one opaque node and which divides exactly as eager does; other devices take differentiable
+tensor ops (``lsq_fake_quantize_ops``), which the compiler fuses and whose saved tensors it
+chooses itself.
 """
 from __future__ import annotations
 
@@ -23,7 +27,16 @@ from enum import Enum
 import torch
 from torch import fx, nn
 
+from . import lsq_kernels
+from .lsq_arithmetic import broadcast_scale, fake_quantize_backward, fake_quantize_forward, lsq_grad_scale
 from .observer import RangeObserver
+
+# Re-exported: the arithmetic is the quantizer's, wherever it is written.
+__all__ = [
+    "FROZEN_WEIGHT", "FakeQuantizer", "QuantizerMode", "broadcast_scale", "fake_quantize_backward",
+    "fake_quantize_forward", "is_quantizer_node", "lsq_fake_quantize", "lsq_fake_quantize_ops", "lsq_grad_scale",
+    "quant_range", "quantizers", "step_sizes",
+]
 
 # The buffer of a frozen layer's constant dequantized weight on its weight quantizer.
 FROZEN_WEIGHT = "frozen_weight"
@@ -49,58 +62,6 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def broadcast_scale(scale: torch.Tensor, ndim: int, channel_axis: int | None) -> torch.Tensor:
-    """``scale`` shaped to broadcast against a tensor of ``ndim`` dims along ``channel_axis``."""
-    if channel_axis is None:
-        return scale.reshape(())
-    shape = [1] * ndim
-    shape[channel_axis] = -1
-    return scale.reshape(shape)
-
-
-def fake_quantize_forward(
-    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None
-) -> torch.Tensor:
-    """round(clamp(x / s, qmin, qmax)) * s in float32, returned in ``x``'s dtype; no autograd.
-    One new tensor, updated in place (on the CPU, allocating each step costs more than it)."""
-    step = broadcast_scale(scale.detach().float(), x.dim(), channel_axis)
-    out = x.detach().float() / step
-    return out.clamp_(qmin, qmax).round_().mul_(step).to(x.dtype)
-
-
-def fake_quantize_backward(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    grad_out: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    channel_axis: int | None,
-    grad_scale: float,
-    need_scale_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LSQ gradients (Esser et al., 2020) of ``x`` and the step from the output gradient:
-    straight through inside [qmin, qmax], zero outside; for the step, ``round(v) - v`` inside
-    and the clip bound outside, times ``grad_scale``."""
-    step = broadcast_scale(scale.float(), x.dim(), channel_axis)
-    scaled = x.float() / step
-    inside = (scaled >= qmin) & (scaled <= qmax)
-    grad_x = grad_out * inside
-    if not need_scale_grad:
-        return grad_x, None
-    d_step = torch.where(inside, scaled.round() - scaled, scaled.clamp(qmin, qmax))
-    per_element = grad_out.float() * d_step
-    if channel_axis is None:
-        grad_step = per_element.sum().reshape(scale.shape)
-    else:
-        grad_step = per_element.transpose(0, channel_axis).flatten(1).sum(1)
-    return grad_x, (grad_step * grad_scale).to(scale.dtype)
-
-
-def lsq_grad_scale(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> float:
-    """LSQ's step-gradient scale 1 / sqrt(N * qmax), N the elements sharing one step."""
-    return 1.0 / (x.numel() // scale.numel() * max(qmax, 1)) ** 0.5
-
-
 class _LSQFunction(torch.autograd.Function):
     """Fake quantization with the LSQ gradients; keeps ``x`` for backward, or, for a frozen
     step, only the one-byte clip mask unless ``save_input`` says ``x`` is kept anyway."""
@@ -109,12 +70,11 @@ class _LSQFunction(torch.autograd.Function):
     def forward(ctx, x, scale, qmin, qmax, channel_axis, grad_scale, save_input):
         ctx.qmin, ctx.qmax, ctx.channel_axis, ctx.grad_scale = qmin, qmax, channel_axis, grad_scale
         ctx.saved_input = ctx.needs_input_grad[1] or save_input
-        if ctx.saved_input:
-            ctx.save_for_backward(x, scale)
-        else:
-            scaled = x.float() / broadcast_scale(scale.float(), x.dim(), channel_axis)
-            ctx.save_for_backward((scaled >= qmin) & (scaled <= qmax))
-        return fake_quantize_forward(x, scale, qmin, qmax, channel_axis)
+        # The mask only where backward will need it: not in inference or calibration.
+        with_mask = ctx.needs_input_grad[0] and not ctx.saved_input
+        out, inside = lsq_kernels.forward_pass(x, scale, qmin, qmax, channel_axis, with_mask)
+        ctx.save_for_backward(*((x, scale) if ctx.saved_input else (inside,)))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -122,7 +82,7 @@ class _LSQFunction(torch.autograd.Function):
             (inside,) = ctx.saved_tensors
             return grad_out * inside, None, None, None, None, None, None
         x, scale = ctx.saved_tensors
-        grad_x, grad_step = fake_quantize_backward(
+        grad_x, grad_step = lsq_kernels.backward_pass(
             x, scale, grad_out, ctx.qmin, ctx.qmax, ctx.channel_axis, ctx.grad_scale, ctx.needs_input_grad[1]
         )
         return grad_x, grad_step, None, None, None, None, None
@@ -162,7 +122,11 @@ def lsq_fake_quantize(
     keeps a one-byte clip mask, or ``x`` itself if ``save_input`` (free when the op that
     made ``x`` keeps it anyway, as a ReLU keeps its output)."""
     if torch.compiler.is_compiling():
+        if lsq_kernels.applies(x):
+            return lsq_kernels.lsq_fake_quantize(x, scale, qmin, qmax, channel_axis, save_input)
         return lsq_fake_quantize_ops(x, scale, qmin, qmax, channel_axis)
+    # Eager code takes the autograd.Function on every device (its passes run the kernels on
+    # CUDA): the custom op's dispatch costs about twice its host time per call.
     return _LSQFunction.apply(x, scale, qmin, qmax, channel_axis, lsq_grad_scale(x, scale, qmax), save_input)
 
 

@@ -2,12 +2,6 @@
 (under the Triton interpreter on the CPU, compiled on CUDA), autograd, and torch.compile."""
 from __future__ import annotations
 
-import os
-
-if "triton" not in __import__("sys").modules:
-    # The CPU runs Triton kernels only when the interpreter is chosen before triton is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 
@@ -16,7 +10,7 @@ from ptqat_fx.runtime import quantizer as Q
 
 CASES = [((6, 5, 4, 3), None), ((6, 5, 4, 3), 0), ((6, 5, 4, 3), 1), ((33, 70), 0), ((3000,), None)]
 INTERPRETED = K.triton is not None and type(K._forward_kernel).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 at import")
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 at import (tests/conftest.py sets it without CUDA)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or K.triton is None, reason="needs CUDA and triton")
 
 
@@ -66,24 +60,35 @@ def test_autograd_matches_lsq_function_and_saves_the_same(shape, axis, trainable
         assert gs_k is None and saved_k == [(torch.bool, x.numel())]
 
 
-def test_compile_fullgraph_one_graph_and_eager_gradients():
-    x, a_scale, _ = _inputs((8, 16), None, seed=3)
-    weight, scale, _ = _inputs((16, 16), 0, seed=4)
+def _two_quantizer_step(quantize):
+    """A loss through an activation and a per-channel weight quantizer, and its inputs."""
 
     def step(inp, w, w_scale, a_scale):
-        return (K.lsq_fake_quantize(inp, a_scale, 0, 255) @ K.lsq_fake_quantize(w, w_scale, -8, 7, 0)).sum()
+        return (quantize(inp, a_scale, 0, 255) @ quantize(w, w_scale, -8, 7, 0)).sum()
 
-    explained = torch._dynamo.explain(step)(x.relu(), weight, scale, a_scale)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    x, a_scale, _ = _inputs((8, 16), None, seed=3)
+    weight, scale, _ = _inputs((16, 16), 0, seed=4)
+    return step, (x.relu(), weight, scale, a_scale)
+
+
+def _assert_compiled_gradients_equal_eager(step, inputs):
     grads = []
     for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
         torch._dynamo.reset()
-        args = [t.clone().requires_grad_() for t in (x.relu(), weight, scale, a_scale)]
+        args = [t.clone().requires_grad_() for t in inputs]
         fn(*args).backward()
         grads.append([a.grad for a in args])
+    torch._dynamo.reset()
     for eager, compiled in zip(*grads):
         assert eager.abs().sum() > 0
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_compile_fullgraph_one_graph_and_eager_gradients():
+    step, inputs = _two_quantizer_step(K.lsq_fake_quantize)
+    explained = torch._dynamo.explain(step)(*inputs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    _assert_compiled_gradients_equal_eager(step, inputs)
 
 
 def _check_triton(device, dtype, shape, axis, seed, exact):
@@ -117,13 +122,126 @@ def test_triton_interpreted_low_precision_within_one_step(dtype):
     _check_triton("cpu", dtype, (3000,), None, seed=6, exact=False)
 
 
+def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t``'s values with other strides: dense in another dim order, or with gaps."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return t.transpose(1, 3).contiguous().transpose(1, 3)
+    return torch.stack([t, -t], -1)[..., 0]  # every other element of its storage
+
+
 @needs_interpreter
-def test_triton_interpreted_non_contiguous_keeps_strides():
-    x, scale, _ = _inputs((4, 6, 5, 3), None, seed=7)
-    x = x.permute(0, 2, 3, 1)
-    out, _ = K.triton_forward(x, scale, -8, 7, None)
-    assert out.stride() == K.reference_forward(x, scale, -8, 7, None)[0].stride()
-    assert torch.equal(out, K.reference_forward(x, scale, -8, 7, None)[0])
+@pytest.mark.parametrize("grad_layout", ["same", "contiguous"])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "gaps"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_triton_interpreted_other_layouts(layout, grad_layout, axis):
+    x, scale, grad = _inputs((4, 6, 5, 3), axis, seed=7)
+    x = _laid_out(x, layout)
+    grad = _laid_out(grad, layout) if grad_layout == "same" else grad
+    out, mask = K.triton_forward(x, scale, -8, 7, axis, with_mask=True)
+    ref, ref_mask = K.reference_forward(x, scale, -8, 7, axis, with_mask=True)
+    assert torch.equal(out, ref) and torch.equal(mask, ref_mask)
+    assert out.stride() == ref.stride() and mask.stride() == ref_mask.stride()
+    grad_x, grad_step = K.triton_backward(x, scale, grad, -8, 7, axis, 0.1)
+    ref_x, ref_step = K.reference_backward(x, scale, grad, -8, 7, axis, 0.1)
+    assert torch.equal(grad_x, ref_x) and grad_x.stride() == torch.empty_like(grad).stride()
+    torch.testing.assert_close(grad_step, ref_step, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_apply_only_to_cuda_tensors(monkeypatch):
+    assert not K.applies(torch.ones(3)) and not K.applies(torch.ones(3, device="meta"))
+    if torch.cuda.is_available() and K.triton is not None:
+        assert K.applies(torch.ones(3, device="cuda"))
+        monkeypatch.setattr(K, "ENABLED", False)
+        assert not K.applies(torch.ones(3, device="cuda"))
+
+
+def _spy_on_kernels(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    for name in ("triton_forward", "triton_backward"):
+        original = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+def _quantizer_and_fused_conv_step(device: str = "cpu") -> list[torch.Tensor]:
+    """Output and gradients of a per-channel weight quantizer, a per-tensor activation
+    quantizer with a frozen step, and a fused quantized conv; all in fp32."""
+    from ptqat_fx.runtime.fused_layers import quantized_conv
+
+    x, a_scale, _ = _inputs((2, 6, 5, 5), None, seed=11, device=device)
+    w, w_scale, _ = _inputs((6, 6, 3, 3), 0, seed=12, device=device)
+    # The conv's own step is off the frozen quantizer's grid, so its gradient is not zero.
+    x, w, w_scale, c_scale = (t.clone().requires_grad_() for t in (x, w, w_scale, a_scale * 0.75))
+    frozen = Q.lsq_fake_quantize(x, a_scale, -8, 7)
+    out = quantized_conv(frozen, c_scale, -8, 7, Q.lsq_fake_quantize(w, w_scale, -8, 7, 0), padding=1)
+    out.square().sum().backward()
+    return [out.detach(), x.grad, w.grad, w_scale.grad, c_scale.grad]
+
+
+def _fused_linear_and_matmul_step() -> list[torch.Tensor]:
+    from ptqat_fx.runtime.fused_layers import quantized_linear, quantized_matmul
+
+    x, x_scale, _ = _inputs((3, 5, 16), None, seed=14)
+    w, _, _ = _inputs((16, 16), 0, seed=15)
+    b, b_scale, _ = _inputs((3, 16, 7), None, seed=16)
+    x, x_scale, w, b, b_scale = (t.clone().requires_grad_() for t in (x, x_scale, w, b, b_scale))
+    h_scale = (x_scale * 0.5).detach().requires_grad_()
+    out = quantized_matmul(quantized_linear(x, x_scale, -8, 7, w), h_scale, -8, 7, b, b_scale, -8, 7)
+    out.square().sum().backward()
+    return [out.detach(), x.grad, w.grad, b.grad, x_scale.grad, h_scale.grad, b_scale.grad]
+
+
+@needs_interpreter
+def test_eager_fused_linear_and_matmul_run_the_kernels_where_they_apply(monkeypatch):
+    calls = _spy_on_kernels(monkeypatch)
+    reference = _fused_linear_and_matmul_step()
+    monkeypatch.setattr(K, "applies", lambda x: True)
+    fused = _fused_linear_and_matmul_step()
+    # linear: forward, recomputation, backward; matmul: two of each.
+    assert sorted(calls) == ["triton_backward"] * 3 + ["triton_forward"] * 6
+    for got, want in zip(fused[:4], reference[:4]):
+        assert torch.equal(got, want)
+    for got, want in zip(fused[4:], reference[4:]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+def test_eager_quantizer_and_fused_layers_run_the_kernels_only_where_they_apply(monkeypatch):
+    calls = _spy_on_kernels(monkeypatch)
+    reference = _quantizer_and_fused_conv_step()
+    assert calls == [], "CPU tensors take the pure-torch path"
+    monkeypatch.setattr(K, "applies", lambda x: True)  # CUDA's choice, run by the interpreter
+    fused = _quantizer_and_fused_conv_step()
+    # Quantizer forwards (activation, weight), the conv's input forward, its recomputation
+    # in backward; backward kernels for the conv's input and the weight (the frozen step's
+    # backward is the saved mask).
+    assert sorted(calls) == ["triton_backward"] * 2 + ["triton_forward"] * 4
+    for got, want in zip(fused[:3], reference[:3]):
+        assert torch.equal(got, want)
+    for got, want in zip(fused[3:], reference[3:]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kernels", [False, True], ids=["tensor_ops", "custom_op"])
+def test_compiled_quantizer_takes_the_custom_op_where_the_kernels_apply(monkeypatch, kernels):
+    if kernels:
+        monkeypatch.setattr(K, "applies", lambda x: True)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    step, inputs = _two_quantizer_step(Q.lsq_fake_quantize)
+    torch._dynamo.reset()
+    torch.compile(step, backend=capture, fullgraph=True)(*inputs)
+    assert len(graphs) == 1 and ("lsq_fake_quantize" in graphs[0]) == kernels
+    _assert_compiled_gradients_equal_eager(step, inputs)
 
 
 @pytest.mark.gpu
@@ -157,3 +275,43 @@ def test_cuda_op_compiled_equals_eager(trainable):
             continue
         assert eager.abs().sum() > 0 and compiled.abs().sum() > 0
         torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_eager_runs_the_kernels_and_equals_the_torch_path(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    calls = _spy_on_kernels(monkeypatch)
+    fused = _quantizer_and_fused_conv_step("cuda")
+    assert sorted(calls) == ["triton_backward"] * 2 + ["triton_forward"] * 4
+    monkeypatch.setattr(K, "ENABLED", False)
+    reference = _quantizer_and_fused_conv_step("cuda")
+    assert len(calls) == 6, "with ENABLED off the CUDA path is the pure-torch one"
+    for got, want in zip(fused[:3], reference[:3]):
+        assert torch.equal(got, want)
+    for got, want in zip(fused[3:], reference[3:]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_compiled_quantizer_equals_eager_at_the_clip_bound():
+    """Min-max steps put each channel's largest weight exactly on the clip bound, where
+    inductor's approximate division flips the clip mask (bench/lsq_division.py); compiled
+    code takes the custom op, whose kernels divide as eager does."""
+    generator = torch.Generator().manual_seed(13)
+    weight = (torch.randn(256, 64, 3, 3, generator=generator) * 0.05).cuda()
+    step = weight.abs().amax((1, 2, 3)) / 7
+    grad = torch.randn(weight.shape, generator=generator).cuda()
+    results = []
+    torch._dynamo.reset()
+    for fn in (Q.lsq_fake_quantize, torch.compile(Q.lsq_fake_quantize, fullgraph=True)):
+        w, s = weight.clone().requires_grad_(), step.clone().requires_grad_()
+        out = fn(w, s, -8, 7, 0)
+        out.backward(grad)
+        results.append((out.detach(), w.grad, s.grad))
+    torch._dynamo.reset()
+    (eager_out, eager_w, eager_s), (out, w_grad, s_grad) = results
+    assert torch.equal(out, eager_out) and torch.equal(w_grad, eager_w)
+    torch.testing.assert_close(s_grad, eager_s, rtol=1e-5, atol=1e-7)
