@@ -111,10 +111,10 @@ class QDQGraph:
             return self.initializers[node.input[0]].data_type
         return None
 
-    def weight_use(self, dq: onnx.NodeProto) -> tuple[onnx.NodeProto, int, list[int]] | None:
-        """(weighted layer, input index, permutation applied on the way) that the weight
-        DequantizeLinear ``dq`` feeds, following Transposes; None when it feeds no
-        weighted layer's weight input."""
+    def weight_use(self, dq: onnx.NodeProto) -> tuple[onnx.NodeProto, list[int]] | None:
+        """(weighted layer, permutation applied on the way) that the weight DequantizeLinear
+        ``dq`` feeds, following Transposes; None when it feeds no weighted layer's weight
+        input."""
         name, perm = dq.output[0], None
         while True:
             users = self.consumers.get(name, [])
@@ -127,7 +127,7 @@ class QDQGraph:
                 name = user.output[0]
                 continue
             if user.op_type in WEIGHTED and list(user.input).index(name) == 1:
-                return user, 1, perm if perm is not None else list(range(len(self.initializers[dq.input[0]].dims)))
+                return user, perm if perm is not None else list(range(len(self.initializers[dq.input[0]].dims)))
             return None
 
     def from_dequantize(self, name: str) -> onnx.NodeProto | None:
@@ -188,12 +188,10 @@ def _symmetric(graph: QDQGraph, node: onnx.NodeProto) -> list[Violation]:
     data_type = graph.quantized_type(node)
     name = TensorProto.DataType.Name(data_type) if data_type is not None else "UINT8 (no zero point given)"
     where = f"(scale {node.input[1]!r})"
-    if data_type == TensorProto.INT4 and node.op_type == "DequantizeLinear" and graph.is_weight_dq(node):
-        pass
-    elif data_type == TensorProto.INT4:
+    if data_type == TensorProto.INT4 and not graph.is_weight_dq(node):
         return [Violation(4, node.name, f"INT4 activation {where}: TensorRT's INT4 is weight-only; quantize "
                           "activations to 8 bits (QuantConfig(a_bits=8))")]
-    elif data_type != TensorProto.INT8:
+    if data_type not in (TensorProto.INT8, TensorProto.INT4):
         return [Violation(1, node.name, f"{name} {where}: TensorRT's Q/DQ take signed INT8 only; quantize "
                           "with QuantConfig(unsigned_activations=False) (signed ranges)")]
     if len(node.input) > 2:
@@ -214,7 +212,7 @@ def _weight_axis(graph: QDQGraph, dq: onnx.NodeProto) -> list[Violation]:
     data_type = graph.quantized_type(dq)
     if use is None:
         return []
-    layer, _, perm = use
+    layer, perm = use
     rank = len(graph.initializers[dq.input[0]].dims)
     if data_type == TensorProto.INT4:
         if layer.op_type not in GEMMS:
