@@ -34,7 +34,10 @@ from torch import fx
 from ..checks import require_quantized_float32
 from ..errors import InputError
 from ..lowering import IntegerWeight, deployable_layers, integer_weight, pack_int4, require_lowerable
+from ..layer_spec import layer_specs
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
+from ..views.deploy_report import attach, deploy_report
+from . import tensorrt_rules
 
 DOMAIN = "ptqat_fx"
 DEFAULT_OPSET = 21
@@ -235,6 +238,7 @@ def export_onnx(
     opset: int | None = None,
     *,
     dynamic_batch: bool = False,
+    target: str = "onnxruntime",
 ) -> onnx.ModelProto:
     """Write ``qmodel`` (calibrated fake-quant, exported in eval mode) to ``path`` as a Q/DQ
     ONNX model, checked with ``onnx.checker.check_model(full_check=True)``; returns it.
@@ -245,17 +249,31 @@ def export_onnx(
     of every tensor input (and so of the outputs) is symbolic (``batch``): one file runs at
     any batch size.
 
+    ``target="tensorrt"`` exports for TensorRT's explicit quantization: weights of 4 bits or
+    fewer are stored as INT8 holding their 4-bit integers (TensorRT runs INT4 only
+    weight-only in GEMM/MatMul; same numerics), and the graph must pass
+    ``export.tensorrt_rules.check`` (symmetric INT8, per-channel weights on the output axis,
+    fusable Q/DQ placement, INT4 rules) or the export raises naming each broken rule. Every
+    export stores a per-layer ``DeployReport`` (which layers run INT8, INT4 weight-only or
+    float, and why) in the model's ``metadata_props``: ``print(DeployReport.of(model))``
+    (``ptqat_fx.views.deploy_report``).
+
     Raises:
         CalibrationError: a quantizer was never calibrated.
         InputError: ``opset`` too old for the model's bit widths (the message names it),
             activations of a bit width ONNX Q/DQ cannot express, or ``dynamic_batch`` on a
-            graph whose capture fixed the batch size (a reshape to a traced size).
+            graph whose capture fixed the batch size (a reshape to a traced size); an unknown
+            ``target``, or with ``target="tensorrt"`` a graph breaking TensorRT's rules.
     """
     require_quantized_float32(qmodel, "export_onnx")
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(example_inputs, tuple):
         raise InputError(f"example_inputs must be a tuple of the model's inputs, got {type(example_inputs).__name__}")
+    if target not in tensorrt_rules.TARGETS:
+        raise InputError(f"target={target!r}: choose one of {tensorrt_rules.TARGETS}")
     gm, table = marker_graph(qmodel)
+    if target == "tensorrt":
+        table = tensorrt_rules.tensorrt_table(table)
     _check_opset(table, opset)
     try:
         program = torch.onnx.export(
@@ -277,5 +295,8 @@ def export_onnx(
         raise
     model = _MarkerLowering(program.model_proto, table).run()
     onnx.checker.check_model(model, full_check=True)
+    if target == "tensorrt":
+        tensorrt_rules.require(model)
+    attach(model, deploy_report(layer_specs(qmodel), model, target))
     onnx.save(model, os.fspath(path))
     return model
