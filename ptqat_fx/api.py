@@ -22,6 +22,7 @@ from .meta import set_config, set_num_inputs
 from .passes.annotate import annotate
 from .passes.calibrate import calibrate
 from .passes.discrepancy import discrepancy
+from .passes.float_outputs import FloatOutputs
 from .passes.fold_bn import fold_bn
 from .passes.freeze import freeze
 from .passes.insert_quantizers import insert_quantizers
@@ -140,11 +141,15 @@ def quantize(
         data = list(data)
     if example_kwargs and calib_data is not None:
         data = KeywordBatches(data, inspect.signature(gm.forward))
-    gm = after("calibrated", calibrate(gm, data, len(inputs), progress=progress))
+    # Calibration's float layer outputs, so that the analysis runs only the quantized side.
+    record = FloatOutputs() if select is not None else None
+    gm = after("calibrated", calibrate(gm, data, len(inputs), progress=progress, record=record))
     if select is not None:
         gm = after("analysed", discrepancy(
-            gm, data, len(inputs), modes=(select.mode,), metrics=(select.metric,), progress=progress
+            gm, data, len(inputs), modes=(select.mode,), metrics=(select.metric,), progress=progress,
+            reference=record,
         ))
+        record = None  # what it holds is no longer needed
         gm = after("selected", select_layers(gm, select))
         gm = after("frozen", freeze(gm, select.train_other_params))
     gm.train(model.training)
