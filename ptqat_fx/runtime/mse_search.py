@@ -38,8 +38,8 @@ def candidate_ratios(candidates: int = MSE_CANDIDATES) -> torch.Tensor:
 
 
 def _default_budget(device: torch.device) -> int:
-    # CPU: ~1 MB temporaries stay in cache; GPU: large enough to fill the device in one launch.
-    return 1 << 18 if device.type == "cpu" else 1 << 25
+    # CPU: temporaries of a few MB stay in cache; GPU: large enough to fill the device in one launch.
+    return 1 << 20 if device.type == "cpu" else 1 << 25
 
 
 def _exhaustive_clip(
@@ -96,25 +96,26 @@ def _closed_form_errors(values: torch.Tensor, abs_max: torch.Tensor, clips: torc
     channels, k = values.shape
     candidates = clips.shape[1]
     bins = 2 * candidates * qmax + 1
-    # float32 binning: an element lands at most a few ulps of the range from its exact bin;
-    # ``_float32_error_bound`` counts that as one more rounding tie resolved either way.
-    position = (values * (bins - 1) / abs_max[:, None]).floor_().clamp_(0, bins - 1).long()
-    position += torch.arange(channels, device=values.device)[:, None] * bins
+    # float32 binning: an element lands at most a few ulps of the range from its exact bin
+    # (``_float32_error_bound`` counts that as one more rounding tie resolved either way).
+    # Magnitudes are finite and at most the range, so t <= (bins - 1)(1 + 2u): truncation is
+    # the floor and no clamp is needed.
+    position = (values * ((bins - 1) / abs_max)[:, None]).long()
+    position += torch.arange(0, channels * bins, bins, device=values.device)[:, None]
     wide = values.double()
-    counts = torch.bincount(position.flatten(), minlength=channels * bins).reshape(channels, bins)
-    sums = torch.bincount(position.flatten(), wide.flatten(), minlength=channels * bins).reshape(channels, bins)
-    zero = counts.new_zeros(channels, 1)
-    below_count = torch.cat([zero, counts.cumsum(1)], 1).double()    # [C, bins + 1]
-    below_sum = torch.cat([zero.double(), sums.cumsum(1)], 1)
-    edges = _edge_positions(qmax, candidates, values.device).flatten()
-    index = below_count[:, edges].reshape(channels, candidates, qmax)  # i_k per candidate
-    below = below_sum[:, edges].reshape(channels, candidates, qmax).sum(2)                # sum_k F_k
+    counts = torch.bincount(position.view(-1), minlength=channels * bins).view(channels, bins)
+    sums = torch.bincount(position.view(-1), wide.view(-1), minlength=channels * bins).view(channels, bins)
+    # Elements below edge e: the bins 0..e-1, i.e. the prefix sum at e - 1 (every edge is >= 1).
+    edges = _edge_positions(qmax, candidates, values.device).flatten() - 1
+    index = counts.cumsum(1)[:, edges].double().view(channels, candidates, qmax)      # i_k per candidate
+    prefix = sums.cumsum(1)
+    below = prefix[:, edges].view(channels, candidates, qmax).sum(2)                  # sum_k F_k
     levels = torch.arange(1, qmax + 1, dtype=torch.float64, device=values.device)
-    weighted = (index * (2 * levels - 1)).sum(2)                                          # sum_k (2k-1) i_k
+    weighted = (index * (2 * levels - 1)).sum(2)                                      # sum_k (2k-1) i_k
     step = (clips.clamp_min(1e-30) / qmax).double()           # the loop's step, widened
-    total = below_sum[:, -1:]
-    errors = wide.square().sum(1, keepdim=True) - 2 * step * (qmax * total - below) \
-        + step.square() * (qmax**2 * k - weighted)
+    total = prefix[:, -1:]
+    squares = torch.linalg.vector_norm(wide, dim=1, keepdim=True).square()
+    errors = squares - 2 * step * (qmax * total - below) + step.square() * (qmax**2 * k - weighted)
     return errors.clamp_min(0)
 
 
@@ -174,7 +175,16 @@ def mse_channel_clip(
         bound = _float32_error_bound(exact, abs_max[chunk], k)
         # Any candidate the loop could prefer has exact error within both bounds of the least.
         threshold = (exact + bound).amin(1, keepdim=True) + bound
-        channel, candidate = (exact <= threshold).nonzero(as_tuple=True)
+        survivors = exact <= threshold
+        # Where one candidate survives, it is the loop's choice; the others are decided by the
+        # loop's own float32 errors.
+        single = survivors.sum(1) == 1
+        best[chunk[single]] = clips[chunk[single]][survivors[single]]
+        open_rows = (~single).nonzero().squeeze(1)
+        if open_rows.numel() == 0:
+            continue
+        chunk, exact = chunk[open_rows], exact[open_rows]
+        channel, candidate = survivors[open_rows].nonzero(as_tuple=True)
         pairs = max(1, budget // k)  # (channel, candidate) rows per float32 evaluation
         errors = torch.cat([
             _float32_errors(values[chunk[channel[i:i + pairs]]], clips[chunk[channel[i:i + pairs]],
