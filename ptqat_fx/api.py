@@ -1,7 +1,6 @@
 """``quantize``: the PTQAT pipeline as a composition of the public passes."""
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from collections.abc import Iterable, Sequence
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .runtime.attention import unfuse_attention
+from .runtime.attention import unfused_copy
 from .model_inputs import KeywordBatches, bind_positional
 from .checks import quantize_arguments, warn_about_result
 from .config import QuantConfig, Select
@@ -108,9 +107,9 @@ def quantize(
         InputError, TraceError, CalibrationError, ConfigError.
     """
     calib_data, config, select = quantize_arguments(calib_data, config, select, example_inputs, example_kwargs)
-    working_copy = copy.deepcopy(model)
+    # A deep copy with nn.MultiheadAttention unfused into Linear layers (runtime.attention).
+    working_copy = unfused_copy(model)
     _check_example_inputs(working_copy, example_inputs, example_kwargs or {})
-    unfuse_attention(working_copy)
     after = StageDumper(dump_dir)
     gm = after("traced", trace(
         working_copy, leaf_modules=leaf_modules, concrete_args=concrete_args,
