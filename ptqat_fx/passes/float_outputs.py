@@ -33,6 +33,8 @@ def tapped(gm: fx.GraphModule, tap: Tap, replace: dict[str, Callable[..., Any]] 
     value)`` right after each annotated layer node (before any in-place op can change the
     value); a node named in ``replace`` calls that function on its arguments instead."""
     graph = fx.Graph()
+    # The same calling convention (a pytree codegen flattens structured inputs).
+    graph.set_codegen(gm.graph._codegen)
     env: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         if replace and node.name in replace:
