@@ -1,16 +1,19 @@
 """What ``quantize()`` costs, stage by stage, as a ratio to float forwards over its calibration set.
 
-Stages: ``trace`` (deep copy, input check and tracing), ``insert`` (BN folding, annotation and
-quantizer insertion), ``calibrate``, ``analyse`` (the discrepancy analysis), ``select``,
-``freeze``. Each stage's time (wall clock, the device synchronised around it) is divided by the
+Stages: ``copy`` (the working deep copy, attention unfused), ``check`` (one eager forward of the
+example inputs), ``trace``, ``insert`` (BN folding, annotation and quantizer insertion),
+``calibrate`` (which also keeps the float layer outputs), ``analyse`` (the discrepancy
+analysis: the quantized side only, against calibration's float outputs), ``select``,
+``freeze``; ``total`` is all of ``quantize()``. Each stage's time (wall clock, the device synchronised around it) is divided by the
 time of plain float forwards of the same model over the same calibration batches, measured in
 the same process (``torch.no_grad``, after a warm-up forward). Models: CPU a 19.6M-parameter MLP
 (2304-3072-3072-1000), ResNet-50 and ViT-B/16 at a small batch; GPU ResNet-50 and ViT-B/16 at
 batch 32 with 8 calibration batches. Also the weight MSE clip search: the observer's sequential
 loop (the former code, kept in tests/runtime/test_mse_search.py) against ``ptqat_fx.runtime.mse_search.mse_channel_clip`` on the same weights.
 
-    PYTHONPATH=. python bench/quantize_cost.py --device cpu --quick --out bench/quantize_cost_cpu.json
+    PYTHONPATH=. python bench/quantize_cost.py --device cpu --quick --threads 1 --out bench/quantize_cost_cpu.json
     PYTHONPATH=. python bench/quantize_cost.py --device cuda --out $OUT/quantize_cost_gpu.json
+    PYTHONPATH=. python bench/quantize_cost.py --device cpu --smoke --out /tmp/quantize_cost_smoke.json
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -34,7 +38,9 @@ from tests.zoo.torchvision_zoo import load_torchvision
 
 # Stage -> the functions ptqat_fx.api calls for it, in order.
 STAGES = {
-    "trace": ("_check_example_inputs", "unfuse_attention", "trace"),
+    "copy": ("unfused_copy",),
+    "check": ("_check_example_inputs",),
+    "trace": ("trace",),
     "insert": ("fold_bn", "annotate", "insert_quantizers", "quantize_leaves", "quantize_joins"),
     "calibrate": ("calibrate",),
     "analyse": ("discrepancy",),
@@ -76,9 +82,12 @@ def stage_timers(device: torch.device):
             setattr(api, name, function)
 
 
-def build_models(device: torch.device, quick: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]]:
+def build_models(device: torch.device, quick: bool, smoke: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]]:
     """Name -> (constructor, input shape, calibration batches)."""
     torchvision = load_torchvision()
+    if smoke:  # the GPU run's models and code path, at a size any CPU runs in a minute
+        return {"ResNet-50": (torchvision.models.resnet50, (2, 3, 224, 224), 2),
+                "ViT-B/16": (torchvision.models.vit_b_16, (2, 3, 224, 224), 2)}
     if device.type == "cuda":
         return {"ResNet-50": (torchvision.models.resnet50, (32, 3, 224, 224), 8),
                 "ViT-B/16": (torchvision.models.vit_b_16, (32, 3, 224, 224), 8)}
@@ -145,7 +154,9 @@ def measure(name: str, build: Callable[[], nn.Module], shape: tuple[int, ...], n
         total = time.perf_counter() - start
     row = {"float_forwards_s": forwards, "total_s": total, "total_x_forwards": total / forwards,
            "stages_s": dict(times), "stages_x_forwards": {k: v / forwards for k, v in times.items()},
-           "trace_plus_insert_s": times["trace"] + times["insert"], "batch": shape[0], "calib_batches": n_batches}
+           "trace_plus_insert_s": times["trace"] + times["insert"],
+           "check_trace_insert_s": times["check"] + times["trace"] + times["insert"],
+           "batch": shape[0], "calib_batches": n_batches}
     if observer == "mse" and mse_elements:
         row["mse_search"] = mse_search_ratio(model, device, mse_elements)
     return row
@@ -155,6 +166,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="CPU: smaller image batches")
+    parser.add_argument("--smoke", action="store_true", help="the GPU models at batch 2, 2 batches, no MSE comparison")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (on a shared machine 1 thread is steadier than 2 that contend)")
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--observers", nargs="*", default=["mse", "minmax"])
     parser.add_argument("--mse-elements", type=int, default=None,
@@ -162,11 +176,16 @@ def main() -> None:
     parser.add_argument("--out", default="bench/quantize_cost.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     mse_elements = args.mse_elements if args.mse_elements is not None else (3_000_000 if device.type == "cpu" else 30_000_000)
-    models = build_models(device, args.quick)
+    if args.smoke:
+        mse_elements = 0
+    models = build_models(device, args.quick, args.smoke)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_1min_at_start": load,
+               "command": " ".join(sys.argv),
                "models": {}}
     for name in args.models or list(models):
         build, shape, n_batches = models[name]
@@ -179,13 +198,18 @@ def main() -> None:
             print(f"{name:10} {observer:7} {json.dumps(row)}", flush=True)
             with open(args.out, "w") as handle:
                 json.dump(results, handle, indent=2)
+    results["load_avg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
     print_table(results)
 
 
 def print_table(results: dict) -> None:
-    print(f"\ndevice: {results['device']}, torch {results['torch']}, load {results['load_avg_1min_at_start']:.1f}")
-    print("| model | observer | total x FP fwd | " + " | ".join(STAGES) + " | trace+insert s | MSE loop/vectorised |")
-    print("|---|---|---|" + "---|" * len(STAGES) + "---|---|")
+    print(f"\ndevice: {results['device']}, torch {results['torch']}, {results['threads']} threads, load "
+          f"{results['load_avg_1min_at_start']:.1f} at the start, {results['load_avg_1min_at_end']:.1f} at the end")
+    print("| model | observer | FP fwd s | total x FP fwd | " + " | ".join(STAGES)
+          + " | trace+insert s | check+trace+insert s | MSE loop/vectorised |")
+    print("|---|---|---|---|" + "---|" * len(STAGES) + "---|---|---|")
     for name, rows in results["models"].items():
         for observer, row in rows.items():
             if "error" in row:
@@ -194,8 +218,8 @@ def print_table(results: dict) -> None:
             stages = " | ".join(f"{row['stages_x_forwards'][s]:.2f}" for s in STAGES)
             mse = row.get("mse_search")
             mse_text = f"{mse['ratio']:.1f}x (same: {mse['same_clips']})" if mse else ""
-            print(f"| {name} | {observer} | {row['total_x_forwards']:.2f} | {stages} | "
-                  f"{row['trace_plus_insert_s']:.2f} | {mse_text} |")
+            print(f"| {name} | {observer} | {row['float_forwards_s']:.2f} | {row['total_x_forwards']:.2f} | {stages} | "
+                  f"{row['trace_plus_insert_s']:.2f} | {row['check_trace_insert_s']:.2f} | {mse_text} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """``quantize``: the PTQAT pipeline as a composition of the public passes."""
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from collections.abc import Iterable, Sequence
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .runtime.attention import unfuse_attention
+from .runtime.attention import unfused_copy
 from .model_inputs import KeywordBatches, bind_positional
 from .checks import quantize_arguments, warn_about_result
 from .config import QuantConfig, Select
@@ -22,6 +21,7 @@ from .meta import set_config, set_num_inputs
 from .passes.annotate import annotate
 from .passes.calibrate import calibrate
 from .passes.discrepancy import discrepancy
+from .passes.float_outputs import FloatOutputs
 from .passes.fold_bn import fold_bn
 from .passes.freeze import freeze
 from .passes.insert_quantizers import insert_quantizers
@@ -107,9 +107,9 @@ def quantize(
         InputError, TraceError, CalibrationError, ConfigError.
     """
     calib_data, config, select = quantize_arguments(calib_data, config, select, example_inputs, example_kwargs)
-    working_copy = copy.deepcopy(model)
+    # A deep copy with nn.MultiheadAttention unfused into Linear layers (runtime.attention).
+    working_copy = unfused_copy(model)
     _check_example_inputs(working_copy, example_inputs, example_kwargs or {})
-    unfuse_attention(working_copy)
     after = StageDumper(dump_dir)
     gm = after("traced", trace(
         working_copy, leaf_modules=leaf_modules, concrete_args=concrete_args,
@@ -140,11 +140,15 @@ def quantize(
         data = list(data)
     if example_kwargs and calib_data is not None:
         data = KeywordBatches(data, inspect.signature(gm.forward))
-    gm = after("calibrated", calibrate(gm, data, len(inputs), progress=progress))
+    # Calibration's float layer outputs, so that the analysis runs only the quantized side.
+    record = FloatOutputs() if select is not None else None
+    gm = after("calibrated", calibrate(gm, data, len(inputs), progress=progress, record=record))
     if select is not None:
         gm = after("analysed", discrepancy(
-            gm, data, len(inputs), modes=(select.mode,), metrics=(select.metric,), progress=progress
+            gm, data, len(inputs), modes=(select.mode,), metrics=(select.metric,), progress=progress,
+            reference=record,
         ))
+        record = None  # what it holds is no longer needed
         gm = after("selected", select_layers(gm, select))
         gm = after("frozen", freeze(gm, select.train_other_params))
     gm.train(model.training)

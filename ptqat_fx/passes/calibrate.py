@@ -16,6 +16,7 @@ from ..model_inputs import model_args
 from ..errors import CalibrationError
 from ..progress import progress_bar
 from ..runtime.quantizer import FakeQuantizer, quantizers
+from .float_outputs import FloatOutputs
 
 
 def _check_finite(args: tuple, index: int) -> None:
@@ -43,6 +44,7 @@ def calibrate(
     arity: int,
     *,
     progress: bool = True,
+    record: FloatOutputs | None = None,
 ) -> fx.GraphModule:
     """Observe ``calib_data`` and initialise every quantizer's step size; returns ``gm``.
 
@@ -54,6 +56,8 @@ def calibrate(
             tuple whose first ``arity`` items are the inputs).
         arity: the number of positional model inputs.
         progress: show a tqdm bar (silent when stderr is not a terminal).
+        record: keeps the float layer outputs of the batches for ``discrepancy(...,
+            reference=record)``, which then runs only the quantized side on them.
 
     Raises:
         CalibrationError: empty data, or a batch with NaN/Inf (naming the batch index).
@@ -66,13 +70,18 @@ def calibrate(
             quantizer.to(device)
     was_training = gm.training
     gm.eval()
+    forward = record.module(gm, device) if record is not None else gm
     seen = 0
     try:
         with torch.no_grad():
             for index, batch in enumerate(progress_bar(calib_data, "calibrate", progress)):
                 args = model_args(batch, arity)
                 _check_finite(args, index)
-                gm(*args)
+                if record is not None:
+                    record.start(args)
+                forward(*args)
+                if record is not None:
+                    record.finish(gm)
                 seen += 1
     finally:
         gm.train(was_training)

@@ -41,6 +41,7 @@ from ..meta import DiscrepancyKey, float_weight, layer_spec
 from ..progress import progress_bar
 from ..runtime.quantized_modules import float_reference, is_quantized_layer
 from ..runtime.quantizer import FakeQuantizer, fake_quantize_forward
+from .float_outputs import FloatOutputs, tapped
 
 
 @dataclass
@@ -127,9 +128,7 @@ class DiscrepancyInterpreter(fx.Interpreter):
             quantizer = self.quantizer_nodes[n.name]
             (float_in,), (quantized_in,) = float_args, self._side(n, "quantized")[0]
             if n.args[0].op == "get_attr":
-                if n.name not in self.quantized_constants:
-                    self.quantized_constants[n.name] = _fake_quantize(quantizer, float_in)
-                constant = self.quantized_constants[n.name]
+                constant = self.quantized_constant(n.name, quantizer, float_in)
                 return _Both(float_in, constant, constant)
             local = _fake_quantize(quantizer, float_in) if "local" in self.modes else None
             return _Both(float_in, _fake_quantize(quantizer, quantized_in), local)
@@ -213,12 +212,31 @@ class DiscrepancyInterpreter(fx.Interpreter):
         self._accumulate(spec.name, {mode: outputs[mode] for mode in self.modes}, float_out)
 
     def _accumulate(self, name: str, outputs: dict[str, torch.Tensor], float_out: torch.Tensor) -> None:
+        self.add(name, self.measure(outputs, float_out))
+
+    def measure(self, outputs: dict[str, torch.Tensor], float_out: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        """Per ``"<mode>.<metric>"`` the sum over samples of ``outputs`` (by mode) against
+        ``float_out``, and the number of samples."""
+        totals = {
+            str(DiscrepancyKey(mode, metric)): values.sum()
+            for mode, output in outputs.items()
+            for metric, values in _distances(output, float_out, self.metrics).items()
+        }
+        return totals, float_out.shape[0] if float_out.dim() > 0 else 1
+
+    def add(self, name: str, measured: tuple[dict[str, torch.Tensor], int]) -> None:
+        """Add one ``measure`` of layer ``name`` to its sums."""
+        totals, samples = measured
         sums = self.sums[name]
-        for mode, output in outputs.items():
-            for metric, values in _distances(output, float_out, self.metrics).items():
-                key = str(DiscrepancyKey(mode, metric))
-                sums[key] = sums[key] + values.sum() if key in sums else values.sum()
-        self.samples[name] += float_out.shape[0] if float_out.dim() > 0 else 1
+        for key, total in totals.items():
+            sums[key] = sums[key] + total if key in sums else total
+        self.samples[name] += samples
+
+    def quantized_constant(self, name: str, quantizer: FakeQuantizer, weight: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized weight of quantizer node ``name``, computed once."""
+        if name not in self.quantized_constants:
+            self.quantized_constants[name] = _fake_quantize(quantizer, weight)
+        return self.quantized_constants[name]
 
     def means(self) -> dict[str, dict[str, float]]:
         """Layer name -> ``"<mode>.<metric>"`` -> mean over all samples seen."""
@@ -226,6 +244,76 @@ class DiscrepancyInterpreter(fx.Interpreter):
             name: {key: float(total) / self.samples[name] for key, total in sums.items()}
             for name, sums in self.sums.items()
         }
+
+
+class _Reshaped(Exception):
+    """A layer's output has another shape on the quantized side than on the float side."""
+
+
+def _sweepable(gm: fx.GraphModule, modes: Sequence[str]) -> bool:
+    """Whether ``QuantizedSweep`` measures what the interpreter would: ``accumulated`` only,
+    no layer quantized at module level inside a leaf, no frozen or fused layer (whose float
+    side is not calibration's forward)."""
+    if tuple(modes) != ("accumulated",) or any(is_quantized_layer(m) for m in gm.modules()):
+        return False
+    return not any(float_weight(n) is not None or hasattr(n.target, "float_reference") for n in gm.graph.nodes)
+
+
+class QuantizedSweep:
+    """The quantized side alone, run as the graph's generated forward (``tapped``), measured
+    against the float layer outputs calibration recorded (``FloatOutputs``): the same
+    quantizer arithmetic and the same sums as ``DiscrepancyInterpreter``, into its sums."""
+
+    def __init__(self, interpreter: DiscrepancyInterpreter) -> None:
+        self.interpreter = interpreter
+        gm = interpreter.module
+        self.specs = {n.name: layer_spec(n) for n in gm.graph.nodes if layer_spec(n) is not None}
+        replace: dict[str, Any] = {}
+        for node in gm.graph.nodes:
+            quantizer = interpreter.quantizer_nodes.get(node.name)
+            if quantizer is not None:
+                is_weight = node.args[0].op == "get_attr"
+                replace[node.name] = self._weight(node, quantizer) if is_weight else _quantizing(quantizer)
+        self.forward = tapped(gm, self._compare, replace)
+        self.float_outputs: dict[str, torch.Tensor | None] = {}
+        self.pending: list[tuple[str, tuple[dict[str, torch.Tensor], int]]] = []
+
+    def _weight(self, node: fx.Node, quantizer: FakeQuantizer) -> Any:
+        weight = self.interpreter.fetch_attr(node.args[0].target)
+        constant = self.interpreter.quantized_constant(node.name, quantizer, weight)
+
+        def quantized_weight(weight: torch.Tensor) -> torch.Tensor:
+            return constant
+
+        return quantized_weight
+
+    def run(self, args: tuple, float_outputs: dict[str, torch.Tensor | None]) -> bool:
+        """Measure one batch; False (nothing added) where a layer's shape differs between the
+        sides, which the interpreter measures on the float-side input instead."""
+        self.float_outputs, self.pending = float_outputs, []
+        try:
+            self.forward(*args)
+        except _Reshaped:
+            return False
+        for name, measured in self.pending:
+            self.interpreter.add(name, measured)
+        return True
+
+    def _compare(self, node_name: str, value: Any) -> None:
+        float_out = self.float_outputs.get(node_name)
+        if not isinstance(float_out, torch.Tensor):
+            return
+        if not isinstance(value, torch.Tensor) or value.shape != float_out.shape:
+            raise _Reshaped(node_name)
+        measured = self.interpreter.measure({"accumulated": value}, float_out)
+        self.pending.append((self.specs[node_name].name, measured))
+
+
+def _quantizing(quantizer: FakeQuantizer) -> Any:
+    def fake_quantize(x: torch.Tensor) -> torch.Tensor:
+        return _fake_quantize(quantizer, x)
+
+    return fake_quantize
 
 
 def discrepancy(
@@ -236,6 +324,7 @@ def discrepancy(
     modes: Sequence[str] = ("accumulated",),
     metrics: Sequence[str] = METRICS,
     progress: bool = True,
+    reference: FloatOutputs | None = None,
 ) -> fx.GraphModule:
     """Measure every annotated layer's discrepancy over ``data``; returns ``gm``.
 
@@ -247,6 +336,9 @@ def discrepancy(
         metrics: any of ``euclidean``, ``relative``, ``mse``, ``cosine`` (all by default;
             ``quantize`` measures only the one its selection ranks by).
         progress: show a progress bar.
+        reference: the float layer outputs ``calibrate(gm, ..., record=reference)`` kept:
+            a batch equal to a recorded one runs only the quantized side (``QuantizedSweep``,
+            same results); the others, and ``local`` mode, run both sides.
 
     Fills ``LayerSpec.discrepancy["<mode>.<metric>"]`` for every layer and metric.
     """
@@ -259,13 +351,18 @@ def discrepancy(
         if isinstance(module, FakeQuantizer) and not module.calibrated:
             raise CalibrationError(f"quantizer {name!r} is not calibrated; run calibrate() first")
     interpreter = DiscrepancyInterpreter(gm, modes, metrics)
+    usable = reference is not None and reference.valid_for(gm) and _sweepable(gm, modes)
+    sweep = QuantizedSweep(interpreter) if usable else None
     was_training = gm.training
     gm.eval()
     batches = 0
     try:
         with torch.no_grad():
-            for batch in progress_bar(data, "discrepancy", progress):
-                interpreter.run(*model_args(batch, arity))
+            for index, batch in enumerate(progress_bar(data, "discrepancy", progress)):
+                args = model_args(batch, arity)
+                recorded = reference.outputs(index, args) if sweep is not None else None
+                if recorded is None or not sweep.run(args, recorded):
+                    interpreter.run(*args)
                 batches += 1
     finally:
         gm.train(was_training)

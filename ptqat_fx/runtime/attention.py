@@ -11,6 +11,8 @@ channels). Parameter paths change (``attn.in_proj_weight`` -> ``attn.q_proj.weig
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import fx, nn
 
@@ -115,12 +117,25 @@ class TracedMultiheadAttention(nn.Module):
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    # skip_init: the random initialisation (12 ViT blocks, four 768x768 layers each) would
+    # only be overwritten.
+    linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+def _kept_because(module: nn.MultiheadAttention) -> str | None:
+    if module.bias_k is not None or module.add_zero_attn:
+        return "kept: bias_k/bias_v/add_zero_attn are not supported"
+    return None
+
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
+    return [(path, m) for path, m in model.named_modules() if type(m) is nn.MultiheadAttention]
 
 
 def unfuse_attention(model: nn.Module) -> dict[str, str]:
@@ -132,13 +147,21 @@ def unfuse_attention(model: nn.Module) -> dict[str, str]:
     ``coverage`` lists its projections as float layers).
     """
     outcome: dict[str, str] = {}
-    for path, module in list(model.named_modules()):
-        if type(module) is not nn.MultiheadAttention:
-            continue
-        if module.bias_k is not None or module.add_zero_attn:
-            outcome[path] = "kept: bias_k/bias_v/add_zero_attn are not supported"
-            continue
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, TracedMultiheadAttention.from_float(module))
-        outcome[path] = "unfused"
+    for path, module in _attention_modules(model):
+        outcome[path] = _kept_because(module) or "unfused"
+        if outcome[path] == "unfused":
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, TracedMultiheadAttention.from_float(module))
     return outcome
+
+
+def unfused_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in which every ``nn.MultiheadAttention`` that
+    ``unfuse_attention`` would replace is a ``TracedMultiheadAttention``: the same result as
+    ``unfuse_attention(copy.deepcopy(model))``, but the attention weights are copied once, not
+    copied whole and then split into new Linear layers. ``model`` is not changed."""
+    memo: dict[int, object] = {
+        id(module): TracedMultiheadAttention.from_float(module)
+        for _, module in _attention_modules(model) if _kept_because(module) is None
+    }
+    return copy.deepcopy(model, memo)

@@ -38,8 +38,8 @@ def candidate_ratios(candidates: int = MSE_CANDIDATES) -> torch.Tensor:
 
 
 def _default_budget(device: torch.device) -> int:
-    # CPU: ~1 MB temporaries stay in cache; GPU: large enough to fill the device in one launch.
-    return 1 << 18 if device.type == "cpu" else 1 << 25
+    # CPU: temporaries of a few MB stay in cache; GPU: large enough to fill the device in one launch.
+    return 1 << 20 if device.type == "cpu" else 1 << 25
 
 
 def _exhaustive_clip(
@@ -76,36 +76,60 @@ def _float32_errors(values: torch.Tensor, clips: torch.Tensor, qmax: int) -> tor
     return quantized.sub_(values).square_().sum(-1)
 
 
-def _closed_form_errors(values: torch.Tensor, clips: torch.Tensor, qmax: int) -> torch.Tensor:
+def _edge_positions(qmax: int, candidates: int, device: torch.device) -> torch.Tensor:
+    """[N, qmax] bins of the rounding edges: candidate ``i``'s edge between levels ``k - 1`` and
+    ``k`` lies at ``(k - 1/2) s = (2k - 1) i / (2 N qmax)`` of the range, i.e. at the integer
+    ``(2k - 1) i`` in units of ``range / (2 N qmax)``."""
+    ratio = torch.arange(1, candidates + 1, device=device)[:, None]
+    odd = torch.arange(1, 2 * qmax, 2, device=device)[None, :]
+    return ratio * odd
+
+
+def _closed_form_errors(values: torch.Tensor, abs_max: torch.Tensor, clips: torch.Tensor, qmax: int) -> torch.Tensor:
     """Squared errors [C, N] of quantizing each row of ``values`` [C, K] at ``clips`` [C, N],
-    in float64 from the sorted rows. An element in ``[(k - 1/2) s, (k + 1/2) s)`` becomes
-    ``k s`` and every element from ``(qmax - 1/2) s`` up ``qmax s``; summing by parts, with
-    ``i_k`` the elements below ``(k - 1/2) s`` and ``F`` the prefix sums of the sorted row,
-    ``sum (v - q)^2 = sum v^2 - 2s (qmax F[K] - sum_k F[i_k]) + s^2 (qmax^2 K - sum_k (2k - 1) i_k)``."""
-    ordered = values.sort(dim=1).values.double()
-    channels, k = ordered.shape
-    prefix = torch.cat([ordered.new_zeros(channels, 1), ordered.cumsum(1)], 1)   # [C, K + 1]
-    step = (clips.clamp_min(1e-30) / qmax).double()           # the loop's step, widened
+    in float64 from a histogram of each row. Every candidate's rounding edges fall on the
+    integers of ``t = v / range * 2 N qmax`` (``_edge_positions``), so one pass bins each element
+    at ``floor(t)`` (counts and float64 sums per bin; no sort) and the prefix sums of the bins
+    give, per edge ``k``, the elements below it ``i_k`` and their sum ``F_k``. Summing by parts,
+    an element at level ``k`` lies above exactly ``k`` edges, so
+    ``sum (v - q)^2 = sum v^2 - 2s (qmax F[K] - sum_k F_k) + s^2 (qmax^2 K - sum_k (2k - 1) i_k)``."""
+    channels, k = values.shape
+    candidates = clips.shape[1]
+    bins = 2 * candidates * qmax + 1
+    # float32 binning: an element lands at most a few ulps of the range from its exact bin
+    # (``_float32_error_bound`` counts that as one more rounding tie resolved either way).
+    # Magnitudes are finite and at most the range, so t <= (bins - 1)(1 + 2u): truncation is
+    # the floor and no clamp is needed.
+    position = (values * ((bins - 1) / abs_max)[:, None]).long()
+    position += torch.arange(0, channels * bins, bins, device=values.device)[:, None]
+    wide = values.double()
+    counts = torch.bincount(position.view(-1), minlength=channels * bins).view(channels, bins)
+    sums = torch.bincount(position.view(-1), wide.view(-1), minlength=channels * bins).view(channels, bins)
+    # Elements below edge e: the bins 0..e-1, i.e. the prefix sum at e - 1 (every edge is >= 1).
+    edges = _edge_positions(qmax, candidates, values.device).flatten() - 1
+    index = counts.cumsum(1)[:, edges].double().view(channels, candidates, qmax)      # i_k per candidate
+    prefix = sums.cumsum(1)
+    below = prefix[:, edges].view(channels, candidates, qmax).sum(2)                  # sum_k F_k
     levels = torch.arange(1, qmax + 1, dtype=torch.float64, device=values.device)
-    edges = (levels - 0.5)[None, None, :] * step[..., None]   # [C, N, qmax]
-    index = torch.searchsorted(ordered, edges.reshape(channels, -1))
-    below = prefix.gather(1, index).reshape(edges.shape).sum(2)                 # sum_k F[i_k]
-    weighted = (index.reshape(edges.shape).double() * (2 * levels - 1)).sum(2)   # sum_k (2k-1) i_k
+    weighted = (index * (2 * levels - 1)).sum(2)                                      # sum_k (2k-1) i_k
+    step = (clips.clamp_min(1e-30) / qmax).double()           # the loop's step, widened
     total = prefix[:, -1:]
-    errors = ordered.square().sum(1, keepdim=True) - 2 * step * (qmax * total - below) \
-        + step.square() * (qmax**2 * k - weighted)
+    squares = torch.linalg.vector_norm(wide, dim=1, keepdim=True).square()
+    errors = squares - 2 * step * (qmax * total - below) + step.square() * (qmax**2 * k - weighted)
     return errors.clamp_min(0)
 
 
 def _float32_error_bound(errors: torch.Tensor, abs_max: torch.Tensor, k: int) -> torch.Tensor:
-    """A bound on |loop's float32 error - exact error| for [C, N] exact ``errors``: per element
-    the quantized value is off by at most ~3u max|v| (division, a rounding tie resolved either
-    way, multiplication), so its distance d by that much, and ``sum (d + e)^2 - d^2 <= 2e sqrt(K
+    """A bound on |loop's float32 error - closed form| for [C, N] closed-form ``errors``: per
+    element the loop's quantized value is off by at most ~3u max|v| (division, a rounding tie
+    resolved either way, multiplication); the closed form may bin an element within ~5u max|v|
+    of an edge on the other side (float32 binning, the float32 clip against its exact ratio),
+    moving it by twice that; so its distance d moves by e < 16u max|v|, and ``sum (d + e)^2 - d^2 <= 2e sqrt(K
     sum d^2) + K e^2``; the float32 squares and sum of K terms add at most (K + 1) u of it. The
     closed form's own float64 cancellation is below K^2 2^-50 max|v|^2 (prefix sums of K terms)."""
     u = 2.0**-24
     top = abs_max.double()[:, None]
-    e = 3 * u * top
+    e = 16 * u * top
     float64 = k * k * 2.0**-50 * top.square()
     return 2 * (2 * e * (k * errors).sqrt() + k * e.square() + (k + 2) * u * errors + float64) + 1e-30
 
@@ -143,15 +167,24 @@ def mse_channel_clip(
     rows = (~plain).nonzero().squeeze(1)
     if rows.numel() == 0:
         return best
-    # Channels per block so the closed form's [rows, N, qmax] index tensors fit the budget.
-    block = max(1, budget // max(candidates * qmax, k))
+    # Channels per block so the closed form's histograms and [rows, N, qmax] tables fit the budget.
+    block = max(1, budget // max(2 * candidates * qmax + 1, k))
     for start in range(0, rows.numel(), block):
         chunk = rows[start:start + block]
-        exact = _closed_form_errors(values[chunk], clips[chunk], qmax)
+        exact = _closed_form_errors(values[chunk], abs_max[chunk], clips[chunk], qmax)
         bound = _float32_error_bound(exact, abs_max[chunk], k)
         # Any candidate the loop could prefer has exact error within both bounds of the least.
         threshold = (exact + bound).amin(1, keepdim=True) + bound
-        channel, candidate = (exact <= threshold).nonzero(as_tuple=True)
+        survivors = exact <= threshold
+        # Where one candidate survives, it is the loop's choice; the others are decided by the
+        # loop's own float32 errors.
+        single = survivors.sum(1) == 1
+        best[chunk[single]] = clips[chunk[single]][survivors[single]]
+        open_rows = (~single).nonzero().squeeze(1)
+        if open_rows.numel() == 0:
+            continue
+        chunk, exact = chunk[open_rows], exact[open_rows]
+        channel, candidate = survivors[open_rows].nonzero(as_tuple=True)
         pairs = max(1, budget // k)  # (channel, candidate) rows per float32 evaluation
         errors = torch.cat([
             _float32_errors(values[chunk[channel[i:i + pairs]]], clips[chunk[channel[i:i + pairs]],

@@ -90,7 +90,7 @@ class LSQInit(ClipRule):
         return 2.0 * observer.latest.mean(dim=1) * observer.qmax**0.5
 
     def tensor_clip(self, observer: RangeObserver) -> torch.Tensor:
-        return torch.tensor(2.0 * observer.abs_sum / observer.count * observer.qmax**0.5)
+        return torch.tensor(2.0 * float(observer.abs_sum) / observer.count * observer.qmax**0.5)
 
 
 @register_observer
@@ -147,8 +147,9 @@ class RangeObserver:
         self.percentile = percentile
         self.batches = 0
         self.abs_max: torch.Tensor | None = None
-        self.abs_sum = 0.0
+        self.abs_sum: torch.Tensor | float = 0.0
         self.count = 0
+        self._top = 0.0  # float(abs_max) of a per-tensor observer
         self.histogram: torch.Tensor | None = None
         self.latest: torch.Tensor | None = None
         # The per-channel tensor last read and its version counter: a weight is fed once per
@@ -169,16 +170,19 @@ class RangeObserver:
             self.latest = per_channel
             return
         magnitude = x.detach().abs().float()
-        self.abs_sum += float(magnitude.sum())
+        # A float64 tensor, not a Python float: reading it back would wait for the device.
+        self.abs_sum = self.abs_sum + magnitude.sum().double()
         self.count += magnitude.numel()
         batch_max = magnitude.max()
+        # The one read-back per batch (histc takes its range as a number).
+        batch_top = float(batch_max)
         if self.abs_max is None:
-            self.abs_max = batch_max
+            self.abs_max, self._top = batch_max, batch_top
             self.histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64, device=x.device)
-        elif batch_max > self.abs_max:
+        elif batch_top > self._top:
             self._widen(batch_max)
-            self.abs_max = batch_max
-        top = float(self.abs_max)
+            self.abs_max, self._top = batch_max, batch_top
+        top = self._top
         if top > 0:
             self.histogram += torch.histc(magnitude, HISTOGRAM_BINS, 0.0, top).double()
         else:
@@ -186,7 +190,7 @@ class RangeObserver:
 
     def _widen(self, new_max: torch.Tensor) -> None:
         """Re-bin the histogram onto [0, new_max] so earlier counts are kept."""
-        old_top = float(self.abs_max)
+        old_top = self._top
         if old_top <= 0:
             # Only zeros so far: they stay in the first bin of any range.
             return

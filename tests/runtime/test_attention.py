@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 import ptqat_fx
-from ptqat_fx.runtime.attention import TracedMultiheadAttention, unfuse_attention
+import copy
+
+from ptqat_fx.runtime.attention import TracedMultiheadAttention, unfuse_attention, unfused_copy
 from ptqat_fx.coverage import coverage
 from ptqat_fx.layer_spec import layer_specs
 
@@ -80,3 +82,25 @@ def test_transformer_encoder_layer_takes_the_unfused_attention():
     assert gm.get_submodule("1.self_attn.q_proj.input_quantizer").calibrated
     with torch.no_grad():
         assert ((gm(x) - model(x)).norm() / model(x).norm()) < 0.03
+
+
+def test_unfused_copy_equals_unfusing_a_deep_copy_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(16, 4, 32, batch_first=True),
+        nn.ModuleDict({"kept": nn.MultiheadAttention(16, 4, add_bias_kv=True)}),
+    ).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = copy.deepcopy(model)
+    unfuse_attention(expected)
+    got = unfused_copy(model)
+    assert type(got[0].self_attn) is TracedMultiheadAttention
+    assert type(got[1]["kept"]) is nn.MultiheadAttention and got[1]["kept"] is not model[1]["kept"]
+    assert got.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.state_dict().items())
+    stored = {t.untyped_storage().data_ptr() for t in model.state_dict().values() if t.numel()}
+    assert not stored & {t.untyped_storage().data_ptr() for t in got.state_dict().values() if t.numel()}
+    assert type(model[0].self_attn) is nn.MultiheadAttention
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(got[0](x), expected[0](x))

@@ -35,6 +35,7 @@ def sequential_mse_clip(values: torch.Tensor, abs_max: torch.Tensor, qmax: int) 
     ((1, 300), 3, None),               # one channel, 3-bit
     ((12, 1), 7, None),                # one element per channel: exact on the grid
     ((32, 4096), 7, None),             # a wide fan-in, many near-equal candidates
+    ((24, 4608), 127, 4608 * 3),       # 8-bit over a wide fan-in: 25401 bins per channel
 ])
 def test_same_clips_as_the_observer(shape, qmax, budget):
     generator = torch.Generator().manual_seed(sum(shape) + qmax)
@@ -86,6 +87,16 @@ def test_a_zero_initialised_head_passes_gradient_upstream_after_quantize():
         nn.functional.cross_entropy(gm(data[0]), labels).backward()
         optimizer.step()
     assert gm.get_parameter("0.weight").grad.abs().sum() > 0
+
+
+def test_heavy_tailed_weights():
+    """A few large magnitudes per channel: the best clips lie far below the range."""
+    torch.manual_seed(5)
+    values = torch.distributions.StudentT(2.0).sample((64, 1024)).abs()
+    values[:, :3] *= 50
+    abs_max = values.amax(1)
+    for qmax in (3, 7, 127):
+        assert torch.equal(mse_channel_clip(values, abs_max, qmax), sequential_mse_clip(values, abs_max, qmax))
 
 
 def test_uniform_and_lattice_weights_where_candidates_nearly_tie():
