@@ -106,7 +106,16 @@ def _check_triton(device, dtype, shape, axis, seed, exact):
     grad_x, grad_step = K.triton_backward(x, scale, grad, qmin, qmax, axis, 0.1)
     ref_x, ref_step = K.reference_backward(x, scale, grad, qmin, qmax, axis, 0.1)
     assert torch.equal(grad_x, ref_x)
-    torch.testing.assert_close(grad_step, ref_step, rtol=1e-5, atol=1e-6)
+    # The step-size gradient is a sum over a channel (or the tensor); the kernel sums in another
+    # order than torch, so it cannot be bit for bit. It must be as accurate as torch's own sum:
+    # its error against a float64 sum at most twice torch's, plus sqrt(n) float32 ulps of the
+    # largest (the typical error of summing n terms in another order).
+    _, exact_step = K.reference_backward(x.double(), scale.double(), grad.double(), qmin, qmax, axis, 0.1)
+    torch_error = (ref_step.double() - exact_step).abs()
+    kernel_error = (grad_step.double() - exact_step).abs()
+    terms = x.numel() // exact_step.numel()
+    ulps = terms ** 0.5 * torch.finfo(torch.float32).eps * float(exact_step.abs().max())
+    assert (kernel_error <= 2 * torch_error + ulps).all(), float((kernel_error - 2 * torch_error).max())
 
 
 @needs_interpreter
