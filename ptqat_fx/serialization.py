@@ -6,13 +6,14 @@ description and of every tensor, checked before anything is built (``digest.veri
 or corrupted file is refused with the part that failed named. The description lists the modules (torch.nn
 classes and ``FakeQuantizer``, rebuilt from their constructor arguments), every parameter,
 buffer and tensor attribute (with ``requires_grad`` and persistence), the graph's nodes, and
-the metadata the passes keep (``LayerSpec`` with its selection, ``QuantConfig``...).
+the metadata the passes keep (``LayerSpec`` with its selection, ``QuantConfig``, the
+capture's ``Specialization``...).
 
 Loading an untrusted file does not execute its code, because nothing in it names code: graph
 functions resolve only through an allow-list of torch functions, ``torch.nn.functional``,
 ``operator``, ``math`` and ptqat-fx's own graph functions (``frozen_conv``,
-``quantized_linear``...); methods and attributes are checked against Tensor's public API;
-module classes only come from ``torch.nn`` (plus ``FakeQuantizer``); and every name that
+``quantized_linear``..., and ``check_input_shapes``, a shape-specialized graph's check);
+methods and attributes are checked against Tensor's public API; module classes only come from ``torch.nn`` (plus ``FakeQuantizer``); and every name that
 reaches FX's generated source (node names, placeholders, module and attribute paths, methods,
 keyword names, metadata paths) must be an identifier or a dotted path of them; and the loaded
 graph's code generator refuses any source but the graph's own (``untrusted.CheckedCodeGen``).
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .capture.specialization import Specialization
 from .config import QuantConfig, Select
 from .digest import digests, read_tensors_only, verify
 from .errors import SerializationError
@@ -43,7 +45,7 @@ FORMAT = "ptqat-fx.graph"
 # 2: a SHA-256 digest of the description and of every tensor (1 had none).
 VERSION = 2
 _CONTAINERS = {cls.__name__: cls for cls in (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)}
-_DATACLASSES = {cls.__name__: cls for cls in (LayerSpec, QuantConfig, Select)}
+_DATACLASSES = {cls.__name__: cls for cls in (LayerSpec, QuantConfig, Select, Specialization)}
 _GETATTR_NAMES = {"shape", "dtype", "device", "ndim", "T", "mT", "layout", "is_cuda", "requires_grad"}
 # Tensor methods that reach storage, files or callbacks.
 _DENIED_METHODS = {"storage", "untyped_storage", "share_memory_", "register_hook", "apply_", "map_",

@@ -29,6 +29,7 @@ from torch import fx
 
 from .errors import SerializationError
 from .layer_kinds import graph_functions
+from .runtime.shape_guard import check_input_shapes
 
 _DENIED_OPERATORS = {"attrgetter", "itemgetter", "methodcaller", "call"}
 MAX_PART = 200
@@ -133,8 +134,8 @@ def _allowed_functions() -> dict[str, Any]:
         for name in dir(module):
             if not name.startswith("_") and name not in _DENIED_OPERATORS and callable(getattr(module, name)):
                 names[f"{module.__name__}.{name}"] = getattr(module, name)
-    # ptqat-fx's own graph functions (what freeze puts in graphs).
-    for function in graph_functions():
+    # ptqat-fx's own graph functions (what freeze puts in graphs, and a specialized graph's check).
+    for function in (*graph_functions(), check_input_shapes):
         names[f"{function.__module__}.{function.__name__}"] = function
     return names
 

@@ -42,7 +42,6 @@ from .diagnostics import user_source_line
 from .inputs import ExampleCall, has_var_arguments, is_literal, structured_concrete_args
 from .library_calls import model_files, rejecting_library_function
 from .nested import nest, preserved_state, record_calls
-from .specialization import specialize
 from .tracer import ExamplePH, TraceFailure, trace_once
 
 _MAX_RECORDED_FUNCTIONS = 16
@@ -79,9 +78,9 @@ def _cloned(value: Any) -> Any:
 def _attempts(
     model: nn.Module, args: tuple, kwargs: dict[str, Any], leaves: Sequence[type | str],
     concrete_args: dict[str, Any] | None, has_examples: bool,
-) -> tuple[fx.GraphModule, list[str], list[Callable[..., Any]]]:
+) -> tuple[fx.GraphModule, list[Callable[..., Any]]]:
     """Trace ``model`` plain, then shape-specialized, recording rejecting library functions;
-    the GraphModule, its shape queries and the recorded functions, or the last TraceFailure."""
+    the GraphModule (guarded if specialized) and the recorded functions, or the last TraceFailure."""
     args, kwargs = _cloned(args), _cloned(kwargs)
     call = ExampleCall.of(model, args, kwargs) if has_examples and has_var_arguments(model) else None
     concrete = {**structured_concrete_args(model, args, kwargs), **(concrete_args or {})}
@@ -97,11 +96,11 @@ def _attempts(
     specialized = False
     while True:
         try:
-            gm, queries = trace_once(
+            gm = trace_once(
                 model, leaves, concrete or None, examples=examples if specialized else None,
                 example_call=call, specialize=specialized, record_functions=tuple(functions),
             )
-            return gm, queries, functions
+            return gm, functions
         except TraceFailure as failure:
             function = rejecting_library_function(failure.error, files)
             if function is not None and function not in functions and len(functions) < _MAX_RECORDED_FUNCTIONS:
@@ -145,7 +144,7 @@ class _Capture:
         failed: list[tuple[str, TraceFailure]] = []
         while True:
             try:
-                gm, queries, functions = _attempts(module, args, kwargs, leaves, self.concrete_args if not path else None,
+                gm, functions = _attempts(module, args, kwargs, leaves, self.concrete_args if not path else None,
                                                    self.has_examples)
                 break
             except TraceFailure as failure:
@@ -157,7 +156,6 @@ class _Capture:
                 failed.append((failure.module_path, failure))
                 leaves.append(failure.module_path)
         self.functions += [f for f in functions if f not in self.functions]
-        specialize(gm, args, kwargs, queries)
         for relative, failure in failed:
             record = self._record(prefix + relative, failure)
             if self.has_examples:

@@ -1,15 +1,17 @@
-"""The example shapes a captured graph is specialized to, and the run-time check that holds them.
+"""The example shapes a captured graph is specialized to, and the graph node that holds them.
 
 A graph whose trace answered a shape query from the example values (``values.ValueProxy``)
 bakes those shapes in: ``x.view(b * s, ...)`` with ``b * s`` a constant serves the example
 batch size only. Such a GraphModule records a ``Specialization`` (``specialization(gm)``) and
-gets a forward pre-hook that refuses inputs of other shapes with an ``InputError`` naming the
-input, the expected and the given shape, instead of computing a silently wrong result. A graph
-that answered no shape query is as general as torch.fx makes it and has no guard.
+its graph calls ``runtime.shape_guard.check_input_shapes`` right after the placeholders, which
+refuses inputs of other shapes with an ``InputError`` naming the input, the expected and the
+given shape, instead of computing a silently wrong result. Being a node, the check survives
+``copy.deepcopy``, every pass, ``save``/``load``, ``torch.compile`` and export (see
+``shape_guard``). A graph that answered no shape query is as general as torch.fx makes it and
+has no check.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +19,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from ..errors import InputError
 from ..meta import SPECIALIZATION_KEY
-
+from ..runtime.shape_guard import check_input_shapes
 
 
 @dataclass
@@ -38,47 +39,38 @@ class Specialization:
         return f"specialized to the example shapes ({shapes})"
 
 
-def _tensor_inputs(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    bound = signature.bind_partial(*args, **kwargs)
-    found: dict[str, torch.Tensor] = {}
-    for name, value in bound.arguments.items():
-        for path, leaf in pytree.tree_flatten_with_path(value)[0]:
-            if isinstance(leaf, torch.Tensor):
-                found[name + pytree.keystr(path)] = leaf
-    return found
+def _input_names(graph: fx.Graph, placeholders: list[fx.Node]) -> list[str]:
+    """What the user calls each placeholder: its argument name, or ``batch['image']`` for a
+    tensor FX unpacked from a structure (``batch_1`` to the graph)."""
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return [str(node.target) for node in placeholders]
+    positions = pytree.tree_unflatten(list(range(info.in_spec.num_leaves)), info.in_spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(positions)[0]:
+        argument = info.orig_args[path[0].idx]
+        if argument != "self":  # FX flattens the module along with the inputs
+            names.append(argument + pytree.keystr(path[1:]))
+    return names if len(names) == len(placeholders) else [str(node.target) for node in placeholders]
 
 
-class ShapeGuard:
-    """A forward pre-hook raising ``InputError`` for an input whose shape is not the example's."""
-
-    def __init__(self, signature: inspect.Signature, input_shapes: dict[str, tuple[int, ...]]) -> None:
-        self.signature = signature
-        self.input_shapes = input_shapes
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        try:
-            given = _tensor_inputs(self.signature, args, kwargs)
-        except TypeError:
-            return  # a wrong call: the forward itself says what is wrong with it
-        for name, tensor in given.items():
-            expected = self.input_shapes.get(name)
-            if expected is not None and tuple(tensor.shape) != expected:
-                raise InputError(
-                    f"input {name!r} has shape {list(tensor.shape)}, but {type(module).__name__} was captured "
-                    f"for shape {list(expected)}: its graph is specialized to the example shapes (it read "
-                    "them while tracing). Pass inputs of the example shape, or quantize with example "
-                    "inputs of the shape you will run"
-                )
-
-
-def specialize(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any], queries: list[str]) -> None:
-    """Record the example shapes of ``gm``'s inputs and guard them, if the trace read shapes."""
-    if not queries:
+def specialize(gm: fx.GraphModule, inputs: dict[fx.Node, Any], queries: list[str]) -> None:
+    """If the trace read shapes (``queries``), record the example shapes of ``gm``'s tensor
+    inputs (``inputs``: placeholder -> example value) and insert the node that checks them."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    guarded = [
+        (node, name, tuple(inputs[node].shape))
+        for node, name in zip(placeholders, _input_names(gm.graph, placeholders))
+        if isinstance(inputs.get(node), torch.Tensor)
+    ]
+    if not queries or not guarded:
         return
-    signature = inspect.signature(gm.forward)
-    shapes = {name: tuple(t.shape) for name, t in _tensor_inputs(signature, args, kwargs).items()}
-    gm.meta[SPECIALIZATION_KEY] = Specialization(shapes, queries)
-    gm.register_forward_pre_hook(ShapeGuard(signature, shapes), with_kwargs=True)
+    nodes, names, shapes = zip(*guarded)
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_function(check_input_shapes, (nodes, names, shapes, type(gm).__name__))
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta[SPECIALIZATION_KEY] = Specialization(dict(zip(names, shapes)), queries)
 
 
 def specialization(gm: nn.Module) -> Specialization | None:

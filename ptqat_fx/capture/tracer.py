@@ -32,6 +32,7 @@ from ..runtime.quantizer import FakeQuantizer
 from .diagnostics import NoGradInForward, TensorValueBranch, describe_trace_failure
 from .hooks import tracing
 from .inputs import ExampleCall, keep_defaults
+from . import specialization
 from .values import MISSING, ValueProxy
 
 
@@ -202,8 +203,9 @@ def trace_once(
     example_call: ExampleCall | None = None,
     specialize: bool = False,
     record_functions: tuple[Callable[..., Any], ...] = (),
-) -> tuple[fx.GraphModule, list[str]]:
-    """One tracing attempt: the GraphModule and the shape queries the trace answered.
+) -> fx.GraphModule:
+    """One tracing attempt: the GraphModule, guarded to the example shapes of its inputs
+    (``specialization.specialize``) if the trace answered shape queries from them.
 
     ``examples`` maps top-level placeholder names to example values (tensors inside
     structures carry theirs on ``fx.PH`` instances, see ``ExamplePH``); ``example_call``
@@ -216,12 +218,15 @@ def trace_once(
     try:
         with tracing(tracer, record_functions), torch.enable_grad():
             graph = tracer.trace(model, None if example_call is not None else concrete_args)
+        inputs = {node: tracer.value_of(node) for node in graph.find_nodes(op="placeholder")}
     except Exception as error:
         raise TraceFailure(tracer.failed_module, error) from error
     finally:
         tracer.values.clear()  # the example activations: freed as soon as the attempt ends
     keep_defaults(graph, model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__), tracer.shape_queries
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    specialization.specialize(gm, inputs, tracer.shape_queries)
+    return gm
 
 
 class ExamplePH(fx._symbolic_trace.PHBase):
