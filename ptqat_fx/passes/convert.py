@@ -107,8 +107,10 @@ class _Lowering:
             if layer.bias is not None:
                 # One float bias may serve layers with different input steps: one copy each.
                 base = path = f"{layer.bias.path}_int32"
+                count = 0
                 while path in self.stored:
-                    path = f"{base}_{len(path)}"
+                    count += 1
+                    path = f"{base}_{count}"
                 self.stored.add(path)
                 set_buffer(self.gm, path, layer.bias.values.clone())
                 set_buffer(self.gm, f"{path}_scale", layer.scale.clone())

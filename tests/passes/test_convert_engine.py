@@ -57,3 +57,26 @@ def test_engine_mode_keeps_the_fake_quant_decisions(name):
 def test_unknown_arithmetic_is_refused():
     with pytest.raises(ptqat_fx.InputError, match="arithmetic='int'"):
         ptqat_fx.convert(quantized("mlp", 8), arithmetic="int")
+
+
+def test_a_layer_called_three_times_gets_one_int32_bias_per_call():
+    torch.manual_seed(0)
+
+    class Thrice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refine = nn.Linear(8, 8)
+
+        def forward(self, x):
+            for _ in range(3):
+                x = torch.relu(self.refine(x))
+            return x
+
+    x = torch.randn(4, 8)
+    config = ptqat_fx.QuantConfig(w_bits=8, a_bits=8, w_observer="minmax", a_observer="minmax")
+    qmodel = ptqat_fx.quantize(Thrice().eval(), (x,), [x], config, progress=False).eval()
+    engine = ptqat_fx.convert(qmodel, arithmetic="engine")
+    biases = sorted(name for name, _ in engine.named_buffers() if "bias_int32" in name and not name.endswith("scale"))
+    assert biases == ["refine.bias_int32", "refine.bias_int32_1", "refine.bias_int32_2"]
+    with torch.no_grad():
+        assert torch.isfinite(engine(x)).all()
