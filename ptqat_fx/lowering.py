@@ -3,7 +3,9 @@ weight, int4 packing, and the deployable form of a trained graph.
 
 ``deployable_layers`` gives the layers ``freeze`` rewrote for training their plain torch form
 (``unfuse``, then each frozen form back to its kind's functional form, from ``layer_kinds``);
-``integer_weight`` reads the integers a weight quantizer stands for; ``require_lowerable``
+``integer_weight`` reads the integers a weight quantizer stands for; ``integer_layer`` and
+``integer_form`` give a layer the arithmetic of integer engines (integer accumulation, int32
+bias; ``convert(..., arithmetic="engine")`` and the ONNX export share them); ``require_lowerable``
 refuses graphs that cannot be lowered node by node. ``convert`` and ``export_onnx`` both start
 from these, so both lowerings store the same integers.
 """
@@ -92,6 +94,122 @@ def integer_weight(gm: fx.GraphModule, node: fx.Node) -> IntegerWeight | None:
     return IntegerWeight(path, values.to(torch.int8), scale, quantizer.channel_axis, quantizer.bits)
 
 
+@dataclass(frozen=True)
+class IntegerBias:
+    """A layer's bias as integer engines add it: ``values * scale``, with ``values`` int32
+    at the accumulator's step ``scale = s_x * s_w`` (input step times weight step, per output
+    channel).
+
+    Attributes:
+        path: attribute path of the float bias (``fc1.bias``).
+        values: int32, ``round(bias / scale)`` (half to even, in float32), shaped to broadcast
+            over the layer's output (``[1, C, 1, 1]`` for a conv2d, ``[C]`` for a linear).
+        scale: float32, shape ``[C]`` (``[1]`` for a per-tensor weight).
+        axis: the channel axis of ``values`` (None for a per-tensor weight).
+    """
+
+    path: str
+    values: torch.Tensor
+    scale: torch.Tensor
+    axis: int | None
+
+    def dequantized(self) -> torch.Tensor:
+        """The float bias the engine adds: ``float(values) * scale``."""
+        return self.values.float() * broadcast_scale(self.scale, self.values.dim(), self.axis)
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """A conv or linear layer between a quantized activation and a quantized weight, computed
+    as integer engines compute it: ``layer(q_x, q_w) * scale + bias`` with the integers
+    ``q_x``, ``q_w`` as float32. Their products and sums are integers, exact in float32 in any
+    summation order while every partial sum stays below 2^24, so every runtime gets the same
+    accumulator, and what follows is one float multiply and one add: the simulation and the
+    engine round each activation alike (float Q/DQ arithmetic is not deterministic under
+    reordering of a reduction, and a deep network amplifies each rounding flip).
+
+    Attributes:
+        node: the layer call.
+        source: the activation quantizer call the layer takes as input.
+        weight: its integer weight.
+        scale: ``s_x * s_w``, float32, shaped to broadcast over the layer's output.
+        bias: its int32 bias, None where the layer has none.
+    """
+
+    node: fx.Node
+    source: fx.Node
+    weight: IntegerWeight
+    scale: torch.Tensor
+    bias: IntegerBias | None
+
+
+INTEGER_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
+INT32_RANGE = (-(2**31), 2**31 - 1)
+
+
+def bias_argument(node: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` that a conv/linear layer call takes as its bias, or None."""
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return bias if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+
+
+def integer_layer(gm: fx.GraphModule, node: fx.Node) -> IntegerLayer | None:
+    """``node`` as an ``IntegerLayer``, or None where it is not one: a conv/linear call
+    (``INTEGER_KINDS``) whose input is an activation quantizer (per-tensor step ``s_x``) and
+    whose weight is quantized with one step per output channel (or per tensor)."""
+    spec = layer_spec(node)
+    if spec is None or spec.kind not in INTEGER_KINDS or node.op != "call_function" or len(node.args) < 2:
+        return None
+    source, weight_node = node.args[0], node.args[1]
+    if not (isinstance(source, fx.Node) and is_quantizer_node(gm, source) and source.args[0].op != "get_attr"):
+        return None
+    weight = integer_weight(gm, weight_node) if isinstance(weight_node, fx.Node) else None
+    if weight is None or weight.axis not in (None, 0):
+        return None
+    bias_node = bias_argument(node)
+    given = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if given is not None and bias_node is None:
+        return None  # a computed bias: keep the float layer
+    step = gm.get_submodule(source.target).scale.detach().float().reshape(())
+    channels = (step * weight.scale.float()).reshape(-1)
+    axis = None if channels.numel() == 1 else (0 if spec.kind == "linear" else 1)
+    ndim = 1 if spec.kind == "linear" else weight.values.dim()
+    bias = None
+    if bias_node is not None:
+        values = fetch(gm, bias_node.target).detach().float()
+        integers = torch.round(values / channels).clamp(*INT32_RANGE).to(torch.int32)
+        bias = IntegerBias(bias_node.target, broadcast_scale(integers, ndim, axis) if axis is not None else integers,
+                           channels, axis)
+    return IntegerLayer(node, source, weight, broadcast_scale(channels, ndim, axis), bias)
+
+
+def integer_form(
+    gm: fx.GraphModule, layer: IntegerLayer, integers: fx.Node, weight: fx.Node, bias: fx.Node | None
+) -> fx.Node:
+    """Rewrite ``layer.node`` into ``layer(integers, weight) * scale (+ bias)``: ``integers``
+    and ``weight`` are nodes giving ``q_x`` and ``q_w`` as float32, ``bias`` the dequantized
+    int32 bias. The scale is stored as ``<weight>_accumulator_scale`` (suffixed where one
+    weight serves several calls). Returns the node that now gives the layer's output."""
+    node, graph = layer.node, gm.graph
+    owner, _, leaf = f"{layer.weight.path}_accumulator_scale".rpartition(".")
+    module, name, count = gm.get_submodule(owner), leaf, 0
+    while hasattr(module, name):
+        count += 1
+        name = f"{leaf}_{count}"
+    module.register_buffer(name, layer.scale.clone())
+    node.args = (integers, weight, None, *node.args[3:]) if len(node.args) > 2 else (integers, weight)
+    node.kwargs = {key: value for key, value in node.kwargs.items() if key != "bias"}
+    with graph.inserting_after(node):
+        scale = graph.get_attr(f"{owner}.{name}" if owner else name)
+    with graph.inserting_after(scale):
+        scaled = output = graph.call_function(torch.mul, (node, scale))
+    if bias is not None:
+        with graph.inserting_after(output):
+            output = graph.call_function(torch.add, (output, bias))
+    node.replace_all_uses_with(output, delete_user_cb=lambda user: user is not scaled)
+    return output
+
+
 def _share_quantizer_calls(gm: fx.GraphModule) -> None:
     """One call per quantizer and input, as ``insert_quantizers`` made them: the first in
     graph order serves the later ones."""
@@ -129,7 +247,12 @@ def quantize_dequantize(
     """Explicit quantize (``round(clamp(x / scale))`` stored as ``dtype``) then dequantize
     (times ``scale``): the fake-quantizer's arithmetic, op for op. Plain tensor ops, so it
     also traces (``convert`` records it into the graph)."""
-    return torch.round(torch.clamp(torch.div(x, scale), qmin, qmax)).to(dtype) * scale
+    return quantize_integers(x, scale, qmin, qmax, dtype) * scale
+
+
+def quantize_integers(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype) -> torch.Tensor:
+    """The integers of ``quantize_dequantize``: ``round(clamp(x / scale))`` stored as ``dtype``."""
+    return torch.round(torch.clamp(torch.div(x, scale), qmin, qmax)).to(dtype)
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,12 @@ from torch import fx
 
 from ..checks import require_quantized_float32
 from ..errors import InputError
-from ..lowering import IntegerWeight, deployable_layers, integer_weight, pack_int4, require_lowerable
-from ..layer_spec import layer_specs
+from ..meta import SPECIALIZATION_KEY
+from ..layer_spec import layer_nodes, layer_specs
+from ..lowering import (
+    IntegerLayer, IntegerWeight, bias_argument, deployable_layers, integer_form, integer_layer, integer_weight,
+    pack_int4, require_lowerable, set_buffer,
+)
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 from ..views.deploy_report import attach, deploy_report
 from . import tensorrt_rules
@@ -117,11 +121,31 @@ def integer_initializer(name: str, values: torch.Tensor, data_type: int) -> Tens
     return tensor
 
 
-def _check_opset(table: list[IntegerWeight | ActivationQuant], opset: int) -> None:
+@dataclass(frozen=True)
+class Unscaled:
+    """A quantizer lowered to its integers as float (DequantizeLinear with scale 1): the
+    operands of an integer layer (``lowering.integer_layer``)."""
+
+    entry: IntegerWeight | ActivationQuant
+
+    @property
+    def bits(self) -> int:
+        return self.entry.bits
+
+    @property
+    def path(self) -> str:
+        return self.entry.path
+
+
+Entry = IntegerWeight | ActivationQuant | Unscaled
+
+
+def _check_opset(table: list[Entry], opset: int) -> None:
     if opset < MIN_OPSET:
         raise InputError(f"opset={opset}: per-channel DequantizeLinear needs opset >= {MIN_OPSET}")
     for entry in table:
-        if isinstance(entry, ActivationQuant) and entry.bits not in (4, 8):
+        base = entry.entry if isinstance(entry, Unscaled) else entry
+        if isinstance(base, ActivationQuant) and base.bits not in (4, 8):
             raise InputError(
                 f"activation quantizer {entry.path!r} has {entry.bits} bits; ONNX Q/DQ export "
                 "supports 8-bit (and 4-bit) activations; quantize with a_bits=8"
@@ -134,27 +158,65 @@ def _check_opset(table: list[IntegerWeight | ActivationQuant], opset: int) -> No
             )
 
 
-def marker_graph(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[IntegerWeight | ActivationQuant]]:
+def _marker(gm: fx.GraphModule, table: list[Entry], source: fx.Node, entry: Entry) -> fx.Node:
+    """A marker node for ``entry`` on ``source``, inserted at the graph's insertion point."""
+    table.append(entry)
+    return gm.graph.call_function(torch.ops.ptqat_fx.qdq.default, (source, len(table) - 1))
+
+
+def _activation_entry(gm: fx.GraphModule, node: fx.Node) -> ActivationQuant:
+    quantizer: FakeQuantizer = gm.get_submodule(node.target)
+    return ActivationQuant(node.target, float(quantizer.scale.detach().reshape(())), quantizer.bits, quantizer.signed)
+
+
+def _integer_layer(gm: fx.GraphModule, table: list[Entry], layer: IntegerLayer) -> None:
+    """``layer`` as ``integer_form``: Q -> DequantizeLinear(scale 1) on the input, the integer
+    weight through DequantizeLinear(scale 1), then ``* s_x s_w`` and the dequantized int32 bias
+    (a float initializer holding exactly ``float(int32) * s_x s_w``; the layer itself then has
+    no bias for an engine to re-quantize)."""
+    node, weight_node = layer.node, layer.node.args[1]
+    with gm.graph.inserting_before(node):
+        integers = _marker(gm, table, layer.source.args[0], Unscaled(_activation_entry(gm, layer.source)))
+        source = weight_node if weight_node.op == "get_attr" else weight_node.args[0]
+        weight = _marker(gm, table, source, Unscaled(layer.weight))
+        bias = None
+        if layer.bias is not None:
+            path = f"{layer.bias.path}_engine_{len(table)}"
+            set_buffer(gm, path, layer.bias.dequantized())
+            bias = gm.graph.get_attr(path)
+    integer_form(gm, layer, integers, weight, bias)
+
+
+def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[fx.GraphModule, list[Entry]]:
     """A copy of ``qmodel`` whose quantizers are ``torch.ops.ptqat_fx.qdq`` markers, and the
-    table the markers' indices point into."""
+    table the markers' indices point into. With ``integer_layers``, conv/linear layers between
+    a quantized input and a quantized weight take the integer form of ``lowering.integer_layer``
+    (what ``convert(..., arithmetic="engine")`` computes): the same accumulator in every
+    runtime. Without, every layer keeps the standard DQ -> layer pattern (TensorRT fuses that
+    pattern into its own integer kernels and would not recognise the integer form)."""
     require_lowerable(qmodel)
     gm = deployable_layers(copy.deepcopy(qmodel))
-    table: list[IntegerWeight | ActivationQuant] = []
+    table: list[Entry] = []
+    layers = [layer for node in layer_nodes(gm) if integer_layers and (layer := integer_layer(gm, node)) is not None]
+    for layer in layers:
+        _integer_layer(gm, table, layer)
     for node in list(gm.graph.nodes):
+        if (is_quantizer_node(gm, node) or integer_weight(gm, node) is not None) and not node.users:
+            gm.graph.erase_node(node)  # an integer layer took over its only use
+            continue
         entry: IntegerWeight | ActivationQuant | None = integer_weight(gm, node)
         if entry is None and is_quantizer_node(gm, node):
-            quantizer: FakeQuantizer = gm.get_submodule(node.target)
-            entry = ActivationQuant(node.target, float(quantizer.scale.detach().reshape(())), quantizer.bits, quantizer.signed)
+            entry = _activation_entry(gm, node)
         if entry is None:
             continue
         # A frozen weight is a get_attr of its dequantized constant: the marker wraps it.
         source = node if node.op == "get_attr" else node.args[0]
         with gm.graph.inserting_after(node):
-            marker = gm.graph.call_function(torch.ops.ptqat_fx.qdq.default, (source, len(table)))
-        table.append(entry)
+            marker = _marker(gm, table, source, entry)
         node.replace_all_uses_with(marker, delete_user_cb=lambda user: user is not marker)
         if node is not source:
             gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -164,9 +226,10 @@ def marker_graph(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[IntegerWe
 class _MarkerLowering:
     """Rewrites the marker nodes of an exported ModelProto into Q/DQ."""
 
-    def __init__(self, model: onnx.ModelProto, table: list[IntegerWeight | ActivationQuant]) -> None:
+    def __init__(self, model: onnx.ModelProto, table: list[Entry], shift_signed: bool = True) -> None:
         self.model = model
         self.table = table
+        self.shift_signed = shift_signed
         self.added: set[str] = set()
 
     def _initializer(self, name: str, make) -> str:
@@ -192,16 +255,37 @@ class _MarkerLowering:
         return [helper.make_node("DequantizeLinear", inputs, [output], name=f"{output}_dequantize", **attributes)]
 
     def _activation(self, entry: ActivationQuant, source: str, output: str) -> list[onnx.NodeProto]:
-        data_type = _onnx_type(entry.bits, entry.signed)
+        # A signed range is written unsigned with the zero point at its middle: the same integers
+        # shifted, so the same values. onnxruntime's QDQS8ToU8Transformer would otherwise make
+        # that shift itself, and the Q nodes its later fusions copy keep output_dtype INT8 with
+        # the new UINT8 zero point, which fails the session (onnxruntime 1.32).
+        # TensorRT (``shift_signed=False``) takes signed INT8 with zero point 0 only.
+        data_type = _onnx_type(entry.bits, signed=entry.signed and not self.shift_signed)
+        offset = 2 ** (entry.bits - 1) if entry.signed and self.shift_signed else 0
         scale = self._initializer(f"{entry.path}.scale", lambda: numpy_helper.from_array(
             np.array(entry.scale, dtype=np.float32), f"{entry.path}.scale"))
         zero_point = self._initializer(f"{entry.path}.zero_point", lambda: integer_initializer(
-            f"{entry.path}.zero_point", torch.zeros((), dtype=torch.int8), data_type))
+            f"{entry.path}.zero_point", torch.tensor(offset, dtype=torch.int16), data_type))
         quantized = f"{output}_quantized"
         return [
             helper.make_node("QuantizeLinear", [source, scale, zero_point], [quantized], name=f"{output}_quantize"),
             helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [output], name=f"{output}_dequantize"),
         ]
+
+    def _unscaled(self, entry: Unscaled, source: str, output: str) -> list[onnx.NodeProto]:
+        base = entry.entry
+        unit = self._initializer("ptqat_fx.unit_scale", lambda: numpy_helper.from_array(
+            np.array(1.0, dtype=np.float32), "ptqat_fx.unit_scale"))
+        if isinstance(base, IntegerWeight):
+            data_type = _onnx_type(base.bits, signed=True)
+            values = self._initializer(f"{base.path}_quantized", lambda: integer_initializer(
+                f"{base.path}_quantized", base.values, data_type))
+            zero_point = self._initializer(f"{base.path}_unit_zero_point", lambda: integer_initializer(
+                f"{base.path}_unit_zero_point", torch.zeros((), dtype=torch.int8), data_type))
+            return [helper.make_node("DequantizeLinear", [values, unit, zero_point], [output], name=f"{output}_integers")]
+        quantize, _ = self._activation(base, source, output)
+        return [quantize, helper.make_node(
+            "DequantizeLinear", [quantize.output[0], unit, quantize.input[2]], [output], name=f"{output}_integers")]
 
     def run(self) -> onnx.ModelProto:
         graph = self.model.graph
@@ -211,7 +295,7 @@ class _MarkerLowering:
                 nodes.append(node)
                 continue
             entry = self.table[helper.get_attribute_value(node.attribute[0])]
-            lower = self._weight if isinstance(entry, IntegerWeight) else self._activation
+            lower = {IntegerWeight: self._weight, ActivationQuant: self._activation, Unscaled: self._unscaled}[type(entry)]
             nodes.extend(lower(entry, node.input[0], node.output[0]))
         del graph.node[:]
         graph.node.extend(nodes)
@@ -271,8 +355,16 @@ def export_onnx(
         raise InputError(f"example_inputs must be a tuple of the model's inputs, got {type(example_inputs).__name__}")
     if target not in tensorrt_rules.TARGETS:
         raise InputError(f"target={target!r}: choose one of {tensorrt_rules.TARGETS}")
-    gm, table = marker_graph(qmodel)
-    if target == "tensorrt":
+    specialized = qmodel.meta.get(SPECIALIZATION_KEY)
+    if dynamic_batch and specialized is not None:
+        raise InputError(
+            f"dynamic_batch=True: the captured graph is {specialized} (capture answered shape queries "
+            "from the example inputs), so it serves only that batch size; export with dynamic_batch=False, "
+            "or make the model's shape arithmetic traceable (x.flatten(1), x.view(x.shape[0], -1))"
+        )
+    tensorrt = target == "tensorrt"
+    gm, table = marker_graph(qmodel, integer_layers=not tensorrt)
+    if tensorrt:
         table = tensorrt_rules.tensorrt_table(table)
     _check_opset(table, opset)
     try:
@@ -293,9 +385,9 @@ def export_onnx(
                 "with dynamic_batch=False"
             ) from error
         raise
-    model = _MarkerLowering(program.model_proto, table).run()
+    model = _MarkerLowering(program.model_proto, table, shift_signed=not tensorrt).run()
     onnx.checker.check_model(model, full_check=True)
-    if target == "tensorrt":
+    if tensorrt:
         tensorrt_rules.require(model)
     attach(model, deploy_report(layer_specs(qmodel), model, target))
     onnx.save(model, os.fspath(path))

@@ -28,11 +28,13 @@ from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer
 
 from ..checks import require_quantized_float32
+from ..errors import InputError
+from ..layer_spec import layer_nodes
 from ..lowering import (
-    IntegerWeight, deployable_layers, integer_weight, pack_int4, quantize_dequantize, require_lowerable, set_buffer,
-    unpack_int4,
+    IntegerLayer, IntegerWeight, deployable_layers, integer_form, integer_layer, integer_weight, pack_int4,
+    quantize_dequantize, quantize_integers, require_lowerable, set_buffer, unpack_int4,
 )
-from ..meta import set_converted
+from ..meta import layer_spec, set_converted
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 
 
@@ -44,15 +46,15 @@ class _Lowering:
         self.stored: set[str] = set()
         self.float_weights: set[str] = set()
 
-    def weight(self, node: fx.Node, weight: IntegerWeight) -> fx.Node:
+    def _values(self, node: fx.Node, weight: IntegerWeight) -> fx.Node:
+        """The weight's stored integers (unpacked where packed), read before ``node``."""
         graph = self.graph
         packed = self.pack and weight.bits <= 4
         values_path = f"{weight.path}_int4x2" if packed else f"{weight.path}_int"
-        scale_path = f"{weight.path}_scale"
         if weight.path not in self.stored:
             stored = pack_int4(weight.values) if packed else weight.values
             set_buffer(self.gm, values_path, stored)
-            set_buffer(self.gm, scale_path, weight.broadcast_scale().clone())
+            set_buffer(self.gm, f"{weight.path}_scale", weight.broadcast_scale().clone())
             self.stored.add(weight.path)
             self.float_weights.add(weight.path)
         with graph.inserting_before(node):
@@ -60,19 +62,28 @@ class _Lowering:
             if packed:
                 # The same function, run on a Proxy, writes its ops into the graph.
                 values = unpack_int4(fx.Proxy(values, GraphAppendingTracer(graph)), weight.values.shape).node
-            dequantized = graph.call_function(torch.mul, (values, graph.get_attr(scale_path)))
-        set_converted(dequantized, {"weight": weight.path, "bits": weight.bits, "packed": packed})
+        return values
+
+    def weight(self, node: fx.Node, weight: IntegerWeight) -> fx.Node:
+        values = self._values(node, weight)
+        with self.graph.inserting_before(node):
+            dequantized = self.graph.call_function(torch.mul, (values, self.graph.get_attr(f"{weight.path}_scale")))
+        set_converted(dequantized, {"weight": weight.path, "bits": weight.bits, "packed": self.pack and weight.bits <= 4})
         return dequantized
+
+    def _activation_scale(self, target: str, quantizer: FakeQuantizer) -> str:
+        """The fixed scalar step of activation quantizer ``target``, stored once."""
+        if target not in self.stored:
+            holder = nn.Module()
+            holder.register_buffer("scale", quantizer.scale.detach().float().reshape(()).clone())
+            parent, _, leaf = target.rpartition(".")
+            setattr(self.gm.get_submodule(parent), leaf, holder)
+            self.stored.add(target)
+        return f"{target}.scale"
 
     def activation(self, node: fx.Node, quantizer: FakeQuantizer) -> fx.Node:
         graph = self.graph
-        scale_path = f"{node.target}.scale"
-        if node.target not in self.stored:
-            holder = nn.Module()
-            holder.register_buffer("scale", quantizer.scale.detach().float().reshape(()).clone())
-            parent, _, leaf = node.target.rpartition(".")
-            setattr(self.gm.get_submodule(parent), leaf, holder)
-            self.stored.add(node.target)
+        scale_path = self._activation_scale(node.target, quantizer)
         integer = torch.int8 if quantizer.signed else torch.uint8
         with graph.inserting_before(node):
             tracer = GraphAppendingTracer(graph)
@@ -81,8 +92,39 @@ class _Lowering:
         set_converted(dequantized, {"activation": node.target, "bits": quantizer.bits, "signed": quantizer.signed})
         return dequantized
 
+    def integer(self, layer: IntegerLayer, quantizer: FakeQuantizer) -> None:
+        """Rewrite ``layer`` into integer accumulation with its int32 bias (``integer_form``)."""
+        graph, node = self.graph, layer.node
+        scale_path = self._activation_scale(layer.source.target, quantizer)
+        integer = torch.int8 if quantizer.signed else torch.uint8
+        values = self._values(node, layer.weight)
+        with graph.inserting_before(node):
+            tracer = GraphAppendingTracer(graph)
+            x, scale = fx.Proxy(layer.source.args[0], tracer), fx.Proxy(graph.get_attr(scale_path), tracer)
+            integers = quantize_integers(x, scale, quantizer.qmin, quantizer.qmax, integer).to(torch.float32).node
+            weight = graph.call_method("to", (values, torch.float32))
+            bias = None
+            if layer.bias is not None:
+                # One float bias may serve layers with different input steps: one copy each.
+                base = path = f"{layer.bias.path}_int32"
+                count = 0
+                while path in self.stored:
+                    count += 1
+                    path = f"{base}_{count}"
+                self.stored.add(path)
+                set_buffer(self.gm, path, layer.bias.values.clone())
+                set_buffer(self.gm, f"{path}_scale", layer.scale.clone())
+                self.float_weights.add(layer.bias.path)
+                bias_values = graph.call_method("to", (graph.get_attr(path), torch.float32))
+                bias = graph.call_function(torch.mul, (bias_values, graph.get_attr(f"{path}_scale")))
+        output = integer_form(self.gm, layer, integers, weight, bias)
+        set_converted(output, {"integer_layer": layer_spec(node).name, "bits": layer.weight.bits})
 
-def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.GraphModule:
+
+ARITHMETICS = ("fake_quant", "engine")
+
+
+def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False, arithmetic: str = "fake_quant") -> fx.GraphModule:
     """Return a copy of the calibrated fake-quant ``qmodel`` with integer weights and
     explicit quantize/dequantize ops (see the module docstring); ``qmodel`` is unchanged.
 
@@ -90,14 +132,24 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.Gr
         qmodel: a graph from ``ptqat_fx.quantize`` (fine-tuned or not).
         pack_int4_weights: store weights of 4 bits or fewer two per byte (uint8,
             ``<weight>_int4x2``), unpacked in the graph; else one int8 per weight.
+        arithmetic: ``"fake_quant"`` computes what the fake-quant model computes (float
+            Q/DQ; bit-identical to it in float32). ``"engine"`` computes what the exported
+            ONNX file and integer engines compute: a conv/linear between a quantized input and
+            a quantized weight accumulates the integers ``q_x * q_w`` (exact while partial
+            sums stay below 2^24), then multiplies by ``s_x * s_w`` and adds its int32 bias
+            (``<bias>_int32``; ``lowering.integer_layer``). Compare an engine against this
+            mode (docs/deploy.md has the measured agreement).
 
     The float weights that were quantized are removed; the result is in eval mode. Each
     dequantize node records what it lowered in ``node.meta["ptqat_convert"]``.
 
     Raises:
         CalibrationError: a quantizer was never calibrated.
+        InputError: an unknown ``arithmetic``.
     """
     require_quantized_float32(qmodel, "convert")
+    if arithmetic not in ARITHMETICS:
+        raise InputError(f"arithmetic={arithmetic!r}: choose one of {ARITHMETICS}")
     require_lowerable(qmodel)
     gm = deployable_layers(copy.deepcopy(qmodel))
     lowering = _Lowering(gm, pack_int4_weights)
@@ -107,15 +159,18 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False) -> fx.Gr
         (node, integer_weight(gm, node), gm.get_submodule(node.target) if is_quantizer_node(gm, node) else None)
         for node in gm.graph.nodes
     ]
+    if arithmetic == "engine":
+        layers = [layer for node in layer_nodes(gm) if (layer := integer_layer(gm, node)) is not None]
+        quantizer_of = {node: quantizer for node, _, quantizer in plan if quantizer is not None}
+        for layer in layers:
+            lowering.integer(layer, quantizer_of[layer.source])
     for node, weight, quantizer in plan:
-        if weight is not None:
-            replacement = lowering.weight(node, weight)
-        elif quantizer is not None:
-            replacement = lowering.activation(node, quantizer)
-        else:
+        if weight is None and quantizer is None:
             continue
         source = node.args[0] if node.args else None
-        node.replace_all_uses_with(replacement)
+        if node.users:  # else an integer layer took over its only use
+            replacement = lowering.weight(node, weight) if weight is not None else lowering.activation(node, quantizer)
+            node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
         if source is not None and source.op == "get_attr" and not source.users:
             gm.graph.erase_node(source)

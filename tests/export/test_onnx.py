@@ -11,28 +11,16 @@ from onnx import TensorProto
 from torch import nn
 
 import ptqat_fx
-from ptqat_fx.export.verify import agreement, onnxruntime_session, run_onnx
+from ptqat_fx.export.verify import RUNTIMES, agreement, onnxruntime_session, output_step, run_onnx, step_agreement
 from ptqat_fx.layer_spec import layer_nodes
 from ptqat_fx.meta import layer_spec
 from ptqat_fx.runtime.quantizer import is_quantizer_node
 from tests.export.quantized_examples import EXAMPLES, example_input, quantized
 
 
-def _counts(qmodel):
-    weights = activations = 0
-    for node in qmodel.graph.nodes:
-        if is_quantizer_node(qmodel, node):
-            if node.args[0].op == "get_attr":
-                weights += 1
-            else:
-                activations += 1
-    return weights, activations
-
-
-def _output_step(qmodel) -> float:
-    """How far one rounding flip at the last layer's input moves an output."""
-    spec = layer_spec(layer_nodes(qmodel)[-1])
-    return float(qmodel.get_submodule(spec.input_quantizers[0]).scale) * float(qmodel.get_parameter(spec.weight).abs().max())
+def _weight_paths(qmodel) -> set[str]:
+    return {node.args[0].target for node in qmodel.graph.nodes
+            if is_quantizer_node(qmodel, node) and node.args[0].op == "get_attr"}
 
 
 @pytest.mark.parametrize("name,w_bits", [(name, bits) for name in EXAMPLES for bits in (8, 4)])
@@ -46,29 +34,26 @@ def test_export_structure_and_agreement(name, w_bits, tmp_path):
     assert {entry.domain: entry.version for entry in model.opset_import}[""] == 21
 
     initializers = {init.name: init for init in model.graph.initializer}
-    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    weight_dq = [n for n in dequantize if n.input[0] in initializers]
-    weights, activations = _counts(qmodel)
-    assert (len(weight_dq), len(quantize), len(dequantize)) == (weights, activations, weights + activations)
-    for node in weight_dq:
-        assert initializers[node.input[0]].data_type == (TensorProto.INT8 if w_bits == 8 else TensorProto.INT4)
-        assert initializers[node.input[2]].data_type == initializers[node.input[0]].data_type
-        assert onnx.helper.get_attribute_value(node.attribute[0]) == 0
-        assert len(initializers[node.input[1]].dims) == 1
-    for node in quantize:
-        assert initializers[node.input[2]].data_type == TensorProto.INT8
+    weight_type = TensorProto.INT8 if w_bits == 8 else TensorProto.INT4
+    integer = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+    # Every quantized weight, and nothing else, is an integer initializer of its bit width.
+    assert {n.input[0] for n in integer} == {f"{p}_quantized" for p in _weight_paths(qmodel)}
+    for node in integer:
+        assert initializers[node.input[0]].data_type == weight_type
+        assert initializers[node.input[2]].data_type == weight_type
+    for node in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        # Signed 8-bit range written as UINT8 around zero point 128: the same integers.
+        zero_point = initializers[node.input[2]]
+        assert zero_point.data_type == TensorProto.UINT8 and onnx.numpy_helper.to_array(zero_point) == 128
         assert len(initializers[node.input[1]].dims) == 0
     for spec in (layer_spec(n) for n in layer_nodes(qmodel)):
         assert spec.weight is None or spec.weight not in initializers  # float weights are gone
 
-    converted = ptqat_fx.convert(qmodel)
-    step = _output_step(qmodel)
-    for runtime, result in agreement(path, converted, (x,)).items():
-        # A rounding flip (see verify's docstring) reaches every output of its sample; at most
-        # 2 of the 8 samples may carry one, moving outputs by a few steps (docs/deploy.md).
-        assert result.mismatched_fraction <= 0.25, runtime
-        assert result.max_abs_error <= 8 * step, runtime
+    expected = ptqat_fx.convert(qmodel, arithmetic="engine")(x).detach().numpy()
+    step = output_step(qmodel)
+    for runtime in RUNTIMES:
+        found = step_agreement(run_onnx(path, (x,), runtime)[0], expected, step)
+        assert found.within_one_step == 1.0 and found.argmax_changed == 0.0, (runtime, found)
 
 
 def test_conv_transpose_weights_dequantize_along_axis_1(tmp_path):
@@ -78,8 +63,12 @@ def test_conv_transpose_weights_dequantize_along_axis_1(tmp_path):
     qmodel = ptqat_fx.quantize(model, (x,), [x], ptqat_fx.QuantConfig(w_bits=4), progress=False).eval()
     onnx_model = ptqat_fx.export_onnx(qmodel, (x,), tmp_path / "m.onnx")
     axes = {n.input[0]: onnx.helper.get_attribute_value(n.attribute[0]) for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and n.attribute}
-    assert axes == {"0.weight_quantized": 0, "2.weight_quantized": 1}
-    expected = ptqat_fx.convert(qmodel)(x).detach().numpy()
+    # The conv is an integer layer (its integers, unscaled); the transposed conv keeps its
+    # per-channel scale along axis 1.
+    assert axes == {"2.weight_quantized": 1}
+    unscaled = {n.input[0] for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and n.input[1] == "ptqat_fx.unit_scale"}
+    assert "0.weight_quantized" in unscaled
+    expected = ptqat_fx.convert(qmodel, arithmetic="engine")(x).detach().numpy()
     np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", (x,), "onnxruntime")[0], expected, atol=1e-5)
 
 
@@ -89,7 +78,7 @@ def test_default_onnxruntime_optimizations_drop_relu_before_int4_quantize(tmp_pa
     x = example_input("mlp")
     qmodel = quantized("mlp", 4, a_bits=4)
     ptqat_fx.export_onnx(qmodel, (x,), tmp_path / "m.onnx")
-    expected = ptqat_fx.convert(qmodel)(x).detach().numpy()
+    expected = ptqat_fx.convert(qmodel, arithmetic="engine")(x).detach().numpy()
     default = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     naive = default.run(None, {"x": x.numpy()})[0]
     fixed = onnxruntime_session(tmp_path / "m.onnx").run(None, {"x": x.numpy()})[0]
@@ -122,8 +111,11 @@ def test_unsigned_activations_export_as_uint8(tmp_path):
     onnx_model = ptqat_fx.export_onnx(qmodel, (x,), tmp_path / "m.onnx")
     initializers = {init.name: init.data_type for init in onnx_model.graph.initializer}
     zero_points = [initializers[n.input[2]] for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"]
-    assert sorted(zero_points) == sorted([TensorProto.INT8, TensorProto.UINT8])  # input signed, after ReLU unsigned
-    for runtime, result in agreement(tmp_path / "m.onnx", ptqat_fx.convert(qmodel), (x,)).items():
+    assert set(zero_points) == {TensorProto.UINT8}
+    # The input's signed range sits around 128; after the ReLU the unsigned range starts at 0.
+    values = {int(onnx.numpy_helper.to_array(i)) for i in onnx_model.graph.initializer if i.name.endswith(".zero_point")}
+    assert values == {0, 128}
+    for runtime, result in agreement(tmp_path / "m.onnx", ptqat_fx.convert(qmodel, arithmetic="engine"), (x,)).items():
         assert result.max_abs_error <= 1e-5, runtime
 
 
@@ -137,5 +129,5 @@ def test_ptqat_model_exports_like_its_fake_quant_form(tmp_path):
     plain = ptqat_fx.export_onnx(quantized("vit", 4), (x,), tmp_path / "f.onnx")
     assert sorted(n.op_type for n in exported.graph.node) == sorted(n.op_type for n in plain.graph.node)
     assert {i.name: i.data_type for i in exported.graph.initializer} == {i.name: i.data_type for i in plain.graph.initializer}
-    for runtime, result in agreement(tmp_path / "p.onnx", ptqat_fx.convert(ptqat), (x,)).items():
-        assert result.max_abs_error <= 8 * _output_step(quantized("vit", 4)), runtime
+    for runtime, result in agreement(tmp_path / "p.onnx", ptqat_fx.convert(ptqat, arithmetic="engine"), (x,)).items():
+        assert result.max_abs_error <= 1e-5, runtime

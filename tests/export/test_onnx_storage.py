@@ -50,7 +50,7 @@ def test_layer_called_twice_gives_unique_node_names(tmp_path):
     model = ptqat_fx.export_onnx(qmodel, (x,), tmp_path / "m.onnx")
     names = [n.name for n in model.graph.node]
     assert len(names) == len(set(names))
-    expected = ptqat_fx.convert(qmodel)(x).detach().numpy()
+    expected = ptqat_fx.convert(qmodel, arithmetic="engine")(x).detach().numpy()
     np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", (x,), "onnxruntime")[0], expected, atol=1e-5)
 
 
@@ -60,7 +60,7 @@ def test_dynamic_batch_file_runs_at_batch_1_2_8(name, tmp_path):
     ptqat_fx.export_onnx(qmodel, (example_input(name),), tmp_path / "m.onnx", dynamic_batch=True)
     model = onnx.load(tmp_path / "m.onnx")
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a number
-    session, converted = onnxruntime_session(tmp_path / "m.onnx"), ptqat_fx.convert(qmodel)
+    session, converted = onnxruntime_session(tmp_path / "m.onnx"), ptqat_fx.convert(qmodel, arithmetic="engine")
     generator = torch.Generator().manual_seed(7)
     for batch in (1, 2, 8):
         x = torch.randn((batch, *EXAMPLES[name][1][1:]), generator=generator)

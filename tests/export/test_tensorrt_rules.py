@@ -78,17 +78,25 @@ def test_w4_as_int8_on_the_grid_computes_what_the_default_export_computes(name, 
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: other}
         outputs[kind] = (session.run(None, feed)[0], ReferenceEvaluator(path).run(None, feed)[0])
-    np.testing.assert_array_equal(outputs["tensorrt"][0], outputs["onnxruntime"][0])
-    np.testing.assert_array_equal(outputs["tensorrt"][1], outputs["onnxruntime"][1])
+    # The default file computes conv/linear in integer form (exact accumulators), the TensorRT
+    # file the standard DQ -> layer pattern in float: the same integers and scales, so equal up
+    # to float rounding (ties flipped by the summation order).
+    for index in (0, 1):
+        trt, default = outputs["tensorrt"][index], outputs["onnxruntime"][index]
+        assert np.linalg.norm(trt - default) <= 3e-2 * np.linalg.norm(default - default.mean())  # ~1e-2 measured
+        assert (trt.argmax(-1) == default.argmax(-1)).mean() >= 0.9
 
 
 def test_the_default_w4_export_breaks_the_int4_rule_and_names_the_fix(exported):
     model = onnx.load(exported("resnet", 4, "onnxruntime"))
     found = tensorrt_rules.check(model)
     convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
-    assert {v.rule for v in found} == {4} and len(found) == len(convs) + 1  # the convs and the fc
-    assert all("target='tensorrt'" in v.message for v in found)
-    assert DeployReport.of(model).counts() == {"INT4 Q/DQ": len(found)}
+    # Rule 4: INT4 on the convs and the fc. Rule 1: the default (onnxruntime) file writes signed
+    # activations as UINT8 with zero point 128, which TensorRT refuses.
+    int4 = [v for v in found if v.rule == 4]
+    assert {v.rule for v in found} == {1, 4} and len(int4) == len(convs) + 1
+    assert all("target='tensorrt'" in v.message for v in int4)
+    assert DeployReport.of(model).counts() == {"INT4 Q/DQ": len(int4)}
 
 
 def test_unsigned_activations_are_refused_for_tensorrt(tmp_path):

@@ -11,7 +11,8 @@ by a ``TorchFunctionMode`` counting matmul calls of two non-parameter tensors. S
    parameters without gradients do not, BatchNorm statistics of BNs with frozen affine
    parameters do not (frozen parts must behave as in eval).
 3. ``convert`` of the fine-tuned model against its fake-quant output in eval.
-4. ``export_onnx`` and onnxruntime against the fake-quant output.
+4. ``export_onnx`` in a default onnxruntime session against ``convert(arithmetic="engine")``,
+   the arithmetic an integer engine runs (integer accumulation, int32 biases).
 """
 from __future__ import annotations
 
@@ -241,7 +242,7 @@ def _onnx_error(gm: fx.GraphModule, inputs: tuple) -> float:
         names = [i.name for i in session.get_inputs()]
         got = [torch.from_numpy(o) for o in session.run(None, dict(zip(names, feeds)))]
     with torch.no_grad():
-        ref = _float_leaves(gm.eval()(*inputs))
+        ref = _float_leaves(ptqat_fx.convert(gm, arithmetic="engine")(*inputs))
     return output_error([g for g in got if g.is_floating_point()], ref)
 
 
