@@ -14,6 +14,9 @@
   not record grad mode, so the graph would differentiate what eager does not;
 * calls from other threads, and module calls made while an op is evaluated, are not traced.
 
+* functional layer calls come out positional (``layer_calls``): ``F.linear(x, weight=w)``
+  reads as ``F.linear(x, w)`` to every pass.
+
 ``trace_once`` runs one attempt and raises ``TraceFailure`` naming the deepest module whose
 forward failed; ``capture.trace`` decides what to do about it.
 """
@@ -32,6 +35,7 @@ from ..runtime.quantizer import FakeQuantizer
 from .diagnostics import NoGradInForward, TensorValueBranch, describe_trace_failure
 from .hooks import tracing
 from .inputs import ExampleCall, keep_defaults
+from .layer_calls import positional_layer_arguments
 from .values import MISSING, ValueProxy
 
 
@@ -221,6 +225,7 @@ def trace_once(
     finally:
         tracer.values.clear()  # the example activations: freed as soon as the attempt ends
     keep_defaults(graph, model)
+    positional_layer_arguments(graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__), tracer.shape_queries
 
 
