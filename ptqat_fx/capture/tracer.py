@@ -170,11 +170,11 @@ class QuantTracer(fx.Tracer):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
 
         def placeholder(name: str, value: Any) -> Any:
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor) and not call.every_argument:
                 return value
             proxy = self.create_proxy("placeholder", name, (), {})
             self.values[proxy.node] = value
-            return proxy
+            return proxy if isinstance(value, torch.Tensor) else value
 
         positional = [placeholder(name, value) for name, value in call.positional]
         keywords = {name: placeholder(name, value) for name, value in call.keywords}

@@ -16,7 +16,6 @@ RANDOM_INIT_W8A8 = "W8A8 error 0.05-0.07 with random init (depthwise/SE outputs 
 _IDIOM_LEAVES = ("data_dependent_if", "item_assignment", "no_grad_in_forward", "nonzero_len")
 _HF_QDQ = ("hf/bert", "hf/vit", "hf/deit", "hf/swin", "hf/convnext", "hf/mobilevit", "hf/segformer", "hf/dpt",
            "hf/detr")
-_ALL = ("coverage", "w8a8", "finetune", "convert", "onnx")
 _TIMM_QDQ = ("timm/swin", "timm/vit", "timm/deit_distilled", "timm/cait", "timm/mixer", "timm/pvt_v2_b0",
              "timm/efficientformer_l1", "timm/maxvit", "timm/mobilevit_xxs", "timm/edgenext_xx_small", "timm/xcit_nano",
              "vit(small config)")
@@ -40,8 +39,8 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("tv/fcos_resnet50_fpn", "onnx"): "torch.onnx ConversionError in step 3/3 (exported program -> ONNX)",
     **{(name, line): LEAF_CONVERT for name in _IDIOM_LEAVES for line in ("convert", "onnx")},
     **{(name, "onnx"): ONNX_QDQ_TYPE for name in _HF_QDQ},
-    **{("hf/gpt2_lm(tied)", line): ("quantize: TypeError: multiple values for argument 'position_ids' (the "
-                                    "captured GPT2LMHeadModel's call binds position_ids twice)") for line in _ALL},
+    ("hf/gpt2_lm(tied)", "onnx"): ("torch.export refuses the output's DynamicCache (use_cache=True; no pytree "
+                                   "registered for it)"),
     ("multihead_attention", "onnx"): ONNX_QDQ_TYPE,
     ("convnext(small config)", "onnx"): ONNX_QDQ_TYPE,
     ("resnet18", "onnx"): ONNX_DRIFT,

@@ -211,9 +211,20 @@ def _scale_free_loss(out: Any, batch: Any) -> torch.Tensor:
                for t in _float_leaves(out) if t.requires_grad)
 
 
+def _parameter_name(gm: fx.GraphModule, path: str | None, names: dict[int, str]) -> str | None:
+    """The name ``named_parameters`` gives the parameter at ``path``: a tied weight
+    (``lm_head.weight`` is ``wte.weight``) is listed once, under its first path."""
+    try:
+        return names.get(id(gm.get_parameter(path))) if path else None
+    except AttributeError:
+        return None
+
+
 def _finetune(row: StageRow, gm: fx.GraphModule, batches: list[tuple]) -> None:
     params = dict(gm.named_parameters())
-    selected = [spec.weight for spec in layer_specs(gm) if spec.selected and spec.weight in params]
+    names = {id(p): n for n, p in params.items()}
+    selected = [name for spec in layer_specs(gm) if spec.selected
+                for name in [_parameter_name(gm, spec.weight, names)] if name is not None]
     frozen = [n for n, p in params.items() if not p.requires_grad]
     bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
            and not any(p.requires_grad for p in m.parameters())]
