@@ -186,16 +186,14 @@ def _float_leaves(out: Any) -> list[torch.Tensor]:
 
 
 def output_error(out: Any, ref: Any) -> float:
-    """The worst over the output's float tensors of ``||out - ref|| / ||ref - mean(ref)||``."""
+    """The worst over the output's float tensors of ``||out - ref|| / ||ref - mean(ref)||``;
+    NaN where no output tensor has a spread (a constant reference measures nothing)."""
     outs, refs = _float_leaves(out), _float_leaves(ref)
     if len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs)):
         raise ValueError(f"output structure differs: {[tuple(o.shape) for o in outs]} vs {[tuple(r.shape) for r in refs]}")
-    worst = 0.0
-    for o, r in zip(outs, refs):
-        spread = (r.double() - r.double().mean()).norm()
-        if r.numel() > 1 and spread > 0:
-            worst = max(worst, ((o.double() - r.double()).norm() / spread).item())
-    return worst
+    errors = [((o.double() - r.double()).norm() / spread).item() for o, r in zip(outs, refs)
+              for spread in [(r.double() - r.double().mean()).norm()] if r.numel() > 1 and spread > 0]
+    return max(errors, default=float("nan"))
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
