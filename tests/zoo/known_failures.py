@@ -57,8 +57,11 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("hf/resnet", "onnx"): ONNX_DRIFT + ": 0.036",
     ("timm/efficientnet_b0", "w8a8"): RANDOM_INIT_W8A8,
     ("efficientnet_b0", "w8a8"): RANDOM_INIT_W8A8,
-    ("efficientnet_pytorch/b0", "finetune"): ("traced whole; the 2nd step's gradient of '_conv_stem.weight' is not "
-                                              "finite (NonFiniteError) with random init"),
+    ("efficientnet_pytorch/b0", "finetune"): ("traced whole; 26 of 41 selected weights change, the 15 _se_reduce "
+                                              "weights do not (8 of them have a gradient): with random init the "
+                                              "features reaching _fc are ~1e-13, so the output is _fc.bias to the "
+                                              "last bit (W8A8 error reads 0.0); the NonFiniteError of an earlier "
+                                              "run no longer occurs"),
     ("hf/mobilevit", "w8a8"): ("W8A8 error 0.083 with random init at initializer_range 0.2 (0.19 at 0.3), "
                                "traced whole"),
     ("hf/dpt", "w8a8"): "W8A8 error 0.0515 with random init, traced whole",
