@@ -11,8 +11,8 @@ Public (for ``api`` and the passes):
   trace on their own.
 
 The pieces: ``tracer`` (the FX Tracer with example values), ``values`` (shape-aware
-proxies), ``inputs`` (placeholders and codegen), ``library_calls`` (functions that reject a
-Proxy become calls), ``nested`` (eager forwards calling captured children),
+proxies), ``inputs`` (placeholders and codegen), ``layer_calls`` (functional layers in
+positional form), ``library_calls`` (functions that reject a Proxy become calls), ``nested`` (eager forwards calling captured children),
 ``specialization`` (example shapes and their run-time guard), ``hooks`` (patches scoped to
 one trace, thread-safe), ``diagnostics`` (error messages).
 """

@@ -77,12 +77,13 @@ def _cloned(value: Any) -> Any:
 
 def _attempts(
     model: nn.Module, args: tuple, kwargs: dict[str, Any], leaves: Sequence[type | str],
-    concrete_args: dict[str, Any] | None, has_examples: bool,
+    concrete_args: dict[str, Any] | None, has_examples: bool, nested: bool,
 ) -> tuple[fx.GraphModule, list[Callable[..., Any]]]:
     """Trace ``model`` plain, then shape-specialized, recording rejecting library functions;
-    the GraphModule (guarded if specialized) and the recorded functions, or the last TraceFailure."""
+    the GraphModule (guarded if specialized) and the recorded functions, or the last TraceFailure.
+    ``nested``: ``model`` is a child that its eager parent calls as in the example call."""
     args, kwargs = _cloned(args), _cloned(kwargs)
-    call = ExampleCall.of(model, args, kwargs) if has_examples and has_var_arguments(model) else None
+    call = ExampleCall.of(model, args, kwargs, nested) if has_examples and has_var_arguments(model) else None
     concrete = {**structured_concrete_args(model, args, kwargs), **(concrete_args or {})}
     examples: dict[str, Any] = {}
     if has_examples and call is None:
@@ -145,7 +146,7 @@ class _Capture:
         while True:
             try:
                 gm, functions = _attempts(module, args, kwargs, leaves, self.concrete_args if not path else None,
-                                                   self.has_examples)
+                                          self.has_examples, nested=bool(path))
                 break
             except TraceFailure as failure:
                 if not self.auto_leaf or failure.module_path in leaves:
@@ -160,7 +161,7 @@ class _Capture:
             record = self._record(prefix + relative, failure)
             if self.has_examples:
                 nested = nest(gm.get_submodule(relative), relative, self.calls(), self._keep, self._child(prefix),
-                              self._on_varied)
+                              self._on_nested)
                 gm.set_submodule(relative, nested)
                 record.graphs = [prefix + p for p, m in nested.named_modules(prefix=relative) if isinstance(m, fx.GraphModule)]
         return gm
@@ -175,8 +176,8 @@ class _Capture:
             or path in self.leaf_paths or kind_of_module(module) is not None
         )
 
-    def _on_varied(self, path: str, signatures: int) -> None:
-        self.records.append(AutoLeaf(path, f"called with {signatures} different input shapes or constants", None))
+    def _on_nested(self, path: str, why: str) -> None:
+        self.records.append(AutoLeaf(path, why, None))
 
     def _record(self, path: str, failure: TraceFailure) -> AutoLeaf:
         record = AutoLeaf(path, f"{type(failure.error).__name__}: {failure.error}", user_source_line(failure.error))
@@ -262,7 +263,7 @@ def trace(
         if gm is None:
             root = model
             if capture.has_examples:
-                root = nest(model, "", capture.calls(), capture._keep, capture._child(""), capture._on_varied)
+                root = nest(model, "", capture.calls(), capture._keep, capture._child(""), capture._on_nested)
             call = ExampleCall.of(model, example_inputs, kwargs) if capture.has_examples and has_var_arguments(model) else None
             gm = _eager_graph_module(root, call)
             for record in capture.records[1:]:

@@ -38,13 +38,21 @@ def has_var_arguments(model: nn.Module) -> bool:
 @dataclass
 class ExampleCall:
     """The example call of a forward as placeholder names and values: ``positional`` then
-    ``keywords``, each ``(name, value)``."""
+    ``keywords``, each ``(name, value)``.
+
+    ``every_argument``: a placeholder for every value given, not only the tensors. A nested
+    child's graph is called by its eager parent exactly as in the example call (GPT2Block gets
+    ``(hidden, cache, None, None, use_cache=True, position_ids=ids)``); with placeholders for
+    the tensors only, the parent's third positional value would bind to the graph's second
+    tensor. The non-tensor placeholders are unused: the graph keeps the example's value.
+    """
 
     positional: list[tuple[str, Any]]
     keywords: list[tuple[str, Any]]
+    every_argument: bool = False
 
     @classmethod
-    def of(cls, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ExampleCall:
+    def of(cls, model: nn.Module, args: tuple, kwargs: dict[str, Any], every_argument: bool = False) -> ExampleCall:
         signature = inspect.signature(model.forward)
         names: list[str] = []
         for name, p in signature.parameters.items():
@@ -57,7 +65,7 @@ class ExampleCall:
         for name in kwargs:
             if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
                 raise TraceError(f"keyword input {name!r} of {type(model).__name__} is not a Python identifier")
-        call = cls(list(zip(names, args)), list(kwargs.items()))
+        call = cls(list(zip(names, args)), list(kwargs.items()), every_argument)
         for name, value in call.positional + call.keywords:
             nested = pytree.tree_leaves(value)
             if not isinstance(value, torch.Tensor) and any(isinstance(leaf, torch.Tensor) for leaf in nested):

@@ -10,8 +10,11 @@ change: ``encoder.layer.0.attention`` stays that path inside the nested graphs.
 
 A child is left as it is when the example run never called it (containers such as
 ``nn.ModuleList`` are descended into instead), when it is a torch layer or a leaf the user
-named, and it is nested rather than traced when it was called with inputs of different
-shapes or constants (a specialized graph would serve only one of them).
+named. It is nested rather than traced when it was called with inputs of different shapes or
+constants (a specialized graph would serve only one of them), and when it was given an object
+that keeps tensors (``holds_tensors``: transformers' ``DynamicCache``): a trace would fix that
+object as a constant, with the tensors it held in the example run, while the eager forward
+reads and updates the object it is given at each call.
 """
 from __future__ import annotations
 
@@ -42,6 +45,28 @@ def signature(args: tuple, kwargs: dict[str, Any]) -> str:
         f"T{tuple(leaf.shape)}{leaf.dtype}" if isinstance(leaf, torch.Tensor) else repr(leaf)[:80] for leaf in leaves
     ]
     return f"{spec}|{described}"
+
+
+def holds_tensors(value: Any, depth: int = 4) -> bool:
+    """True if ``value``, not a tensor and not a container of them, keeps tensors among its
+    attributes (searched ``depth`` levels of attributes, lists, tuples and dicts deep)."""
+    seen: set[int] = set()
+
+    def search(item: Any, level: int) -> bool:
+        if isinstance(item, torch.Tensor):
+            return True
+        if level == 0 or id(item) in seen:
+            return False
+        seen.add(id(item))
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            children = list(getattr(item, "__dict__", {}).values())
+        return any(search(child, level - 1) for child in children)
+
+    return not isinstance(value, (torch.Tensor, dict, list, tuple)) and search(value, depth)
 
 
 def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[int, Calls]:
@@ -95,12 +120,13 @@ CaptureChild = Callable[[nn.Module, tuple, dict, str], "nn.Module | None"]
 
 def nest(
     module: nn.Module, path: str, calls: dict[int, Calls], keep: Callable[[nn.Module, str], bool], capture: CaptureChild,
-    on_varied: Callable[[str, int], None],
+    on_nested: Callable[[str, str], None],
 ) -> nn.Module:
     """A shallow clone of ``module`` whose children are captured (see the module docstring).
 
     ``keep(child, path)`` says a child stays as it is (torch layers, user leaves);
-    ``on_varied(path, n)`` is told of a child nested because of ``n`` different call signatures.
+    ``on_nested(path, why)`` is told of a child nested because of its calls: different call
+    signatures, or an object holding tensors among its inputs.
     """
     clone = shallow_clone(module)
     for name, child in module.named_children():
@@ -108,13 +134,19 @@ def nest(
         seen = calls.get(id(child))
         if keep(child, child_path) or (seen is None and not any(True for _ in child.children())):
             continue
-        if seen is None or len(seen.signatures) > 1:
-            if seen is not None:
-                on_varied(child_path, len(seen.signatures))
-            clone._modules[name] = nest(child, child_path, calls, keep, capture, on_varied)
+        stateful = [] if seen is None else [
+            type(leaf).__name__ for leaf in pytree.tree_leaves((seen.args, seen.kwargs)) if holds_tensors(leaf)
+        ]
+        if seen is None or len(seen.signatures) > 1 or stateful:
+            if seen is not None and stateful:
+                on_nested(child_path, f"called with {', '.join(dict.fromkeys(stateful))}, an object holding "
+                                      "tensors that a graph would fix as a constant")
+            elif seen is not None:
+                on_nested(child_path, f"called with {len(seen.signatures)} different input shapes or constants")
+            clone._modules[name] = nest(child, child_path, calls, keep, capture, on_nested)
             continue
         captured = capture(child, seen.args, seen.kwargs, child_path)
         clone._modules[name] = captured if captured is not None else nest(
-            child, child_path, calls, keep, capture, on_varied
+            child, child_path, calls, keep, capture, on_nested
         )
     return clone

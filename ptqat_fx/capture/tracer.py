@@ -14,6 +14,9 @@
   not record grad mode, so the graph would differentiate what eager does not;
 * calls from other threads, and module calls made while an op is evaluated, are not traced.
 
+* functional layer calls come out positional (``layer_calls``): ``F.linear(x, weight=w)``
+  reads as ``F.linear(x, w)`` to every pass.
+
 ``trace_once`` runs one attempt and raises ``TraceFailure`` naming the deepest module whose
 forward failed; ``capture.trace`` decides what to do about it.
 """
@@ -33,6 +36,7 @@ from .diagnostics import NoGradInForward, TensorValueBranch, describe_trace_fail
 from .hooks import tracing
 from .inputs import ExampleCall, keep_defaults
 from . import specialization
+from .layer_calls import positional_layer_arguments
 from .values import MISSING, ValueProxy
 
 
@@ -167,11 +171,11 @@ class QuantTracer(fx.Tracer):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
 
         def placeholder(name: str, value: Any) -> Any:
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor) and not call.every_argument:
                 return value
             proxy = self.create_proxy("placeholder", name, (), {})
             self.values[proxy.node] = value
-            return proxy
+            return proxy if isinstance(value, torch.Tensor) else value
 
         positional = [placeholder(name, value) for name, value in call.positional]
         keywords = {name: placeholder(name, value) for name, value in call.keywords}
@@ -224,6 +228,7 @@ def trace_once(
     finally:
         tracer.values.clear()  # the example activations: freed as soon as the attempt ends
     keep_defaults(graph, model)
+    positional_layer_arguments(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     specialization.specialize(gm, inputs, tracer.shape_queries)
     return gm

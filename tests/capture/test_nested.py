@@ -120,3 +120,78 @@ def test_children_called_with_two_shapes_are_nested_not_specialized():
     assert reasons["1.block"].startswith("called with 2 different input shapes")
     with torch.no_grad():
         assert torch.equal(gm(X), model(X))
+
+
+class KeyValueCache:
+    """transformers' ``DynamicCache`` in small: an object keeping tensors that layers update."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+
+    def update(self, key: torch.Tensor, index: int) -> torch.Tensor:
+        if len(self.keys) <= index:
+            self.keys.append(key)
+        else:
+            self.keys[index] = torch.cat([self.keys[index], key], dim=1)
+        return self.keys[index]
+
+
+class CachedBlock(nn.Module):
+    """GPT2Block's call style: ``(hidden, cache, mask, encoder_states, use_cache=..., **kwargs)``."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, hidden, cache=None, mask=None, encoder_states=None, use_cache=False, **kwargs):
+        key = self.fc(hidden) + kwargs["position"]
+        if cache is not None:
+            key = key - cache.update(key, self.index).mean(dim=1, keepdim=True)  # over every cached step
+        return key if mask is None else key * mask
+
+
+class CachedDecoder(nn.Module):
+    """GPT2Model's style: the forward makes a fresh cache and does not trace (a value branch)."""
+
+    def __init__(self, use_cache: bool = True):
+        super().__init__()
+        self.use_cache = use_cache
+        self.blocks = nn.ModuleList([CachedBlock(0), CachedBlock(1)])
+
+    def forward(self, hidden):
+        cache = KeyValueCache() if self.use_cache else None
+        position = torch.arange(hidden.shape[1], dtype=hidden.dtype)[None, :, None]
+        if hidden.abs().sum() < 0:
+            return hidden
+        for block in self.blocks:
+            hidden = block(hidden, cache, None, None, use_cache=self.use_cache, position=position)
+        return hidden
+
+
+H, H2 = torch.randn(2, 3, 4, generator=G), torch.randn(2, 3, 4, generator=G)
+
+
+def test_nested_child_takes_the_call_its_eager_parent_makes():
+    # Non-tensor positional values before a tensor keyword: the graph has a placeholder for
+    # each, so the parent's call binds as it did in the example run.
+    model = CachedDecoder(use_cache=False).eval()
+    gm = trace(model, example_inputs=(H,), auto_leaf=True)
+    with torch.no_grad():
+        assert torch.equal(gm(H2), model(H2))
+    block = gm.get_submodule("model.blocks.0")
+    assert isinstance(block, fx.GraphModule)
+    assert [n.target for n in block.graph.nodes if n.op == "placeholder"] == [
+        "hidden", "cache", "mask", "encoder_states", "use_cache", "position"]
+
+
+def test_child_given_an_object_holding_tensors_is_nested_not_traced():
+    # A trace would fix the cache of the example run as a constant: the next input would
+    # read the example's keys.
+    model = CachedDecoder().eval()
+    gm = trace(model, example_inputs=(H,), auto_leaf=True)
+    with torch.no_grad():
+        assert torch.equal(gm(H2), model(H2))
+    reasons = {r.path: r.error for r in gm.meta[AUTO_LEAVES_KEY]}
+    assert reasons["model.blocks.0"].startswith("called with KeyValueCache, an object holding tensors")
+    assert isinstance(gm.get_submodule("model.blocks.0.fc"), nn.Linear)

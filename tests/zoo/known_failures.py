@@ -10,7 +10,6 @@ ONNX_DRIFT = ("ONNX (default onnxruntime) vs convert(arithmetic='engine') relati
 RANDOM_INIT_W8A8 = "W8A8 error 0.05-0.07 with random init (depthwise/SE outputs of ~1e-10 scale), traced whole"
 
 _IDIOM_LEAVES = ("data_dependent_if", "item_assignment", "no_grad_in_forward", "nonzero_len")
-_ALL = ("coverage", "w8a8", "finetune", "convert", "onnx")
 _W8A8_RANDOM = {"timm/mobilenetv3_small_050": 0.071, "timm/mobilenetv4_conv_small": 0.103, "timm/maxvit": 0.070,
                 "timm/mobilevit_xxs": 0.162, "timm/poolformer_s12": 0.052, "timm/fastvit_t8": 0.060,
                 "timm/efficientvit_m0": 0.054}
@@ -18,27 +17,30 @@ _W8A8_RANDOM = {"timm/mobilenetv3_small_050": 0.071, "timm/mobilenetv4_conv_smal
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("timm/maxvit", "onnx"): f"{ONNX_DRIFT}: 0.039",
     **{(name, "w8a8"): f"{RANDOM_INIT_W8A8}: {error}" for name, error in _W8A8_RANDOM.items()},
-    **{(name, line): "quantize: IndexError: list assignment index out of range (capture)" for name in
-       ("timm/beit", "timm/eva02") for line in _ALL},
     ("swin(small config)", "convert"): ("convert/export refuse the input quantizers of the wrapped "
                                         "shifted_window_attention call (OpaqueCall)"),
     ("swin(small config)", "onnx"): "as convert: OpaqueCall input quantizers cannot be lowered",
-    ("timm/repvgg_a0", "finetune"): ("2 of 22 selected weights (the 1x1 branches stem.conv_1x1, stages.0.1.conv_1x1) "
-                                     "have a gradient and do not change in 2 steps"),
+    ("timm/repvgg_a0", "finetune"): ("2 of 22 selected weights (stem.conv_1x1, stages.0.1.conv_1x1) do not change "
+                                     "in 2 steps: the random-init forward grows ~10x per block, so the scale-free "
+                                     "loss's gradients shrink ~10x per block toward the input (head.fc 2e+0, "
+                                     "stem 1e-16); Adam's update lr*g/(|g|+eps 1e-8) is then ~1e-11, below "
+                                     "float32 resolution of the weights"),
     ("tv/fcos_resnet50_fpn", "finetune"): "the scale-free loss is NaN at step 0 (detection outputs; W8A8 error not measurable)",
     ("tv/fcos_resnet50_fpn", "onnx"): "torch.onnx ConversionError in step 3/3 (exported program -> ONNX)",
     **{(name, line): LEAF_CONVERT for name in _IDIOM_LEAVES for line in ("convert", "onnx")},
-    **{("hf/gpt2_lm(tied)", line): ("quantize: TypeError: multiple values for argument 'position_ids' (the "
-                                    "captured GPT2LMHeadModel's call binds position_ids twice)") for line in _ALL},
+    ("hf/gpt2_lm(tied)", "onnx"): ("torch.export refuses the output's DynamicCache (use_cache=True; no pytree "
+                                   "registered for it)"),
     ("mobilenet_v3_small", "w8a8"): RANDOM_INIT_W8A8,
     ("smp/Unet(mobilenet_v2)", "w8a8"): RANDOM_INIT_W8A8,
     ("timm/efficientnet_b0", "w8a8"): RANDOM_INIT_W8A8,
     ("efficientnet_b0", "w8a8"): RANDOM_INIT_W8A8,
-    ("efficientnet_pytorch/b0", "finetune"): ("traced whole; the 2nd step's gradient of '_conv_stem.weight' is not "
-                                              "finite (NonFiniteError) with random init"),
-    ("hf/mobilevit", "finetune"): ("traced whole; 0 of the 42 selected weights change in 2 steps: none gets "
-                                   "a gradient, and the W8A8 error reads 0.0 (the output seems not to depend on "
-                                   "them; cause not yet found)"),
+    ("efficientnet_pytorch/b0", "finetune"): ("traced whole; 26 of 41 selected weights change, the 15 _se_reduce "
+                                              "weights do not (8 of them have a gradient): with random init the "
+                                              "features reaching _fc are ~1e-13, so the output is _fc.bias to the "
+                                              "last bit (W8A8 error reads 0.0); the NonFiniteError of an earlier "
+                                              "run no longer occurs"),
+    ("hf/mobilevit", "w8a8"): ("W8A8 error 0.083 with random init at initializer_range 0.2 (0.19 at 0.3), "
+                               "traced whole"),
     ("hf/dpt", "w8a8"): "W8A8 error 0.0515 with random init, traced whole",
     ("hf/detr", "w8a8"): "W8A8 error 0.0568 with random init, traced whole",
     ("hf/mask2former", "w8a8"): "W8A8 error 0.147, traced whole",

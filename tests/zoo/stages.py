@@ -187,16 +187,14 @@ def _float_leaves(out: Any) -> list[torch.Tensor]:
 
 
 def output_error(out: Any, ref: Any) -> float:
-    """The worst over the output's float tensors of ``||out - ref|| / ||ref - mean(ref)||``."""
+    """The worst over the output's float tensors of ``||out - ref|| / ||ref - mean(ref)||``;
+    NaN where no output tensor has a spread (a constant reference measures nothing)."""
     outs, refs = _float_leaves(out), _float_leaves(ref)
     if len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs)):
         raise ValueError(f"output structure differs: {[tuple(o.shape) for o in outs]} vs {[tuple(r.shape) for r in refs]}")
-    worst = 0.0
-    for o, r in zip(outs, refs):
-        spread = (r.double() - r.double().mean()).norm()
-        if r.numel() > 1 and spread > 0:
-            worst = max(worst, ((o.double() - r.double()).norm() / spread).item())
-    return worst
+    errors = [((o.double() - r.double()).norm() / spread).item() for o, r in zip(outs, refs)
+              for spread in [(r.double() - r.double().mean()).norm()] if r.numel() > 1 and spread > 0]
+    return max(errors, default=float("nan"))
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -212,9 +210,20 @@ def _scale_free_loss(out: Any, batch: Any) -> torch.Tensor:
                for t in _float_leaves(out) if t.requires_grad)
 
 
+def _parameter_name(gm: fx.GraphModule, path: str | None, names: dict[int, str]) -> str | None:
+    """The name ``named_parameters`` gives the parameter at ``path``: a tied weight
+    (``lm_head.weight`` is ``wte.weight``) is listed once, under its first path."""
+    try:
+        return names.get(id(gm.get_parameter(path))) if path else None
+    except AttributeError:
+        return None
+
+
 def _finetune(row: StageRow, gm: fx.GraphModule, batches: list[tuple]) -> None:
     params = dict(gm.named_parameters())
-    selected = [spec.weight for spec in layer_specs(gm) if spec.selected and spec.weight in params]
+    names = {id(p): n for n, p in params.items()}
+    selected = [name for spec in layer_specs(gm) if spec.selected
+                for name in [_parameter_name(gm, spec.weight, names)] if name is not None]
     frozen = [n for n, p in params.items() if not p.requires_grad]
     bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
            and not any(p.requires_grad for p in m.parameters())]
