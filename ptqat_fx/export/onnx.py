@@ -298,7 +298,7 @@ class _MarkerLowering:
             lower = {IntegerWeight: self._weight, ActivationQuant: self._activation, Unscaled: self._unscaled}[type(entry)]
             nodes.extend(lower(entry, node.input[0], node.output[0]))
         del graph.node[:]
-        graph.node.extend(nodes)
+        graph.node.extend(_without_dead_qdq(nodes, {o.name for o in graph.output}))
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
         kept = [init for init in graph.initializer if init.name in used]
         del graph.initializer[:]
@@ -307,6 +307,19 @@ class _MarkerLowering:
         del self.model.opset_import[:]
         self.model.opset_import.extend(imports)
         return self.model
+
+
+def _without_dead_qdq(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` less the Q/DQ nodes whose results nothing reads: a weight whose layer took the
+    integer form can keep a marker that torch.export did not prune (a trained layer's weight
+    quantizer), and its dequantized copy would be dead weight in the file."""
+    while True:
+        read = {name for node in nodes for name in node.input} | outputs
+        kept = [node for node in nodes if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                or any(name in read for name in node.output)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
 
 
 def _batch_shapes(example_inputs: tuple) -> tuple:
