@@ -28,6 +28,9 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
                                      "stem 1e-16); Adam's update lr*g/(|g|+eps 1e-8) is then ~1e-11, below "
                                      "float32 resolution of the weights"),
     ("tv/fcos_resnet50_fpn", "finetune"): "the scale-free loss is NaN at step 0 (detection outputs; W8A8 error not measurable)",
+    **{("tv/fcos_resnet50_fpn", line): ("the detection outputs have no spread with random init (empty or constant "
+                                        "boxes/scores), so the W8A8 and convert errors read NaN (not measurable)")
+       for line in ("w8a8", "convert")},
     ("tv/fcos_resnet50_fpn", "onnx"): "torch.onnx ConversionError in step 3/3 (exported program -> ONNX)",
     **{(name, line): LEAF_CONVERT for name in _IDIOM_LEAVES for line in ("convert", "onnx")},
     ("hf/gpt2_lm(tied)", "onnx"): ("torch.export refuses the output's DynamicCache (use_cache=True; no pytree "
