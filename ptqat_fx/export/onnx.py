@@ -169,7 +169,7 @@ def _activation_entry(gm: fx.GraphModule, node: fx.Node) -> ActivationQuant:
     return ActivationQuant(node.target, float(quantizer.scale.detach().reshape(())), quantizer.bits, quantizer.signed)
 
 
-def _integer_layer(gm: fx.GraphModule, table: list[Entry], layer: IntegerLayer) -> None:
+def _integer_layer(gm: fx.GraphModule, table: list[Entry], layer: IntegerLayer) -> fx.Node:
     """``layer`` as ``integer_form``: Q -> DequantizeLinear(scale 1) on the input, the integer
     weight through DequantizeLinear(scale 1), then ``* s_x s_w`` and the dequantized int32 bias
     (a float initializer holding exactly ``float(int32) * s_x s_w``; the layer itself then has
@@ -185,6 +185,7 @@ def _integer_layer(gm: fx.GraphModule, table: list[Entry], layer: IntegerLayer) 
             set_buffer(gm, path, layer.bias.dequantized())
             bias = gm.graph.get_attr(path)
     integer_form(gm, layer, integers, weight, bias)
+    return source  # the weight node the integer marker now reads
 
 
 def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[fx.GraphModule, list[Entry]]:
@@ -198,9 +199,12 @@ def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[f
     gm = deployable_layers(copy.deepcopy(qmodel))
     table: list[Entry] = []
     layers = [layer for node in layer_nodes(gm) if integer_layers and (layer := integer_layer(gm, node)) is not None]
-    for layer in layers:
-        _integer_layer(gm, table, layer)
+    # A frozen weight is a get_attr the integer marker reads directly: unless something else
+    # reads it too, it must not get a scaled marker of its own as well.
+    taken = {_integer_layer(gm, table, layer) for layer in layers}
     for node in list(gm.graph.nodes):
+        if node in taken and all(user.target is torch.ops.ptqat_fx.qdq.default for user in node.users):
+            continue
         if (is_quantizer_node(gm, node) or integer_weight(gm, node) is not None) and not node.users:
             gm.graph.erase_node(node)  # an integer layer took over its only use
             continue
@@ -298,7 +302,7 @@ class _MarkerLowering:
             lower = {IntegerWeight: self._weight, ActivationQuant: self._activation, Unscaled: self._unscaled}[type(entry)]
             nodes.extend(lower(entry, node.input[0], node.output[0]))
         del graph.node[:]
-        graph.node.extend(_without_dead_qdq(nodes, {o.name for o in graph.output}))
+        graph.node.extend(nodes)
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
         kept = [init for init in graph.initializer if init.name in used]
         del graph.initializer[:]
@@ -307,19 +311,6 @@ class _MarkerLowering:
         del self.model.opset_import[:]
         self.model.opset_import.extend(imports)
         return self.model
-
-
-def _without_dead_qdq(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """``nodes`` less the Q/DQ nodes whose results nothing reads: a weight whose layer took the
-    integer form can keep a marker that torch.export did not prune (a trained layer's weight
-    quantizer), and its dequantized copy would be dead weight in the file."""
-    while True:
-        read = {name for node in nodes for name in node.input} | outputs
-        kept = [node for node in nodes if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
-                or any(name in read for name in node.output)]
-        if len(kept) == len(nodes):
-            return kept
-        nodes = kept
 
 
 def _batch_shapes(example_inputs: tuple) -> tuple:
