@@ -146,13 +146,24 @@ def _targets(batch: Any, arity: int, index: int) -> tuple:
     )
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, in one synchronisation: the largest
+    magnitude of each (``_foreach_norm`` of order inf, a few fused kernels however many tensors
+    there are) is inf or NaN exactly when the tensor holds one. One check per tensor would launch
+    a kernel per parameter on every step, which costs small models more than their forward."""
+    filled = [t.detach() for t in tensors if t.numel()]  # the inf norm of an empty tensor is undefined
+    if not filled:
+        return True
+    return bool(torch.stack(torch._foreach_norm(filled, float("inf"))).isfinite().all())
+
+
 def _nonfinite(value: torch.Tensor, params: list[nn.Parameter], names: dict[int, str], grads: bool) -> str | None:
     """What is not finite: the loss, or (``grads``) the first non-finite gradient; None when all are."""
     if not torch.isfinite(value.detach()).all():
         return f"the loss is {value.item()}"
     if grads:
         with_grad = [p for p in params if p.grad is not None]
-        if with_grad and not torch.stack([p.grad.isfinite().all() for p in with_grad]).all():
+        if with_grad and not _all_finite([p.grad for p in with_grad]):
             culprit = next(p for p in with_grad if not p.grad.isfinite().all())
             return f"the gradient of {names[id(culprit)]!r} is not finite"
     return None
@@ -162,13 +173,14 @@ def _checked_step(opt: torch.optim.Optimizer, scaler: Any, params: list[nn.Param
                   names: dict[int, str]) -> str | None:
     """``opt.step()``, then step sizes clamped to ``MIN_STEP_SIZE``; a step that makes a parameter
     non-finite (a finite but huge update) is undone, and what went wrong is returned."""
-    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        before = torch._foreach_mul([p.detach() for p in params], 1.0)
     scaler.step(opt)
     scaler.update()
     with torch.no_grad():
-        for scale in scales:
-            scale.clamp_(min=MIN_STEP_SIZE)
-        if torch.stack([p.isfinite().all() for p in params]).all():
+        if scales:
+            torch._foreach_clamp_min_(scales, MIN_STEP_SIZE)
+        if _all_finite(params):
             return None
         culprit = next(p for p in params if not p.isfinite().all())
         for p, old in zip(params, before):
