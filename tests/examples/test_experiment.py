@@ -147,7 +147,20 @@ def test_table_calls_differences_within_the_spread_ties() -> None:
                "grid": {"m": {"metric": "accuracy", "bits": ["W3A3"], "seeds": [0, 1, 2]}}}
     rows = {line.split(" | ")[0].lstrip("| "): line for line in experiment.table(results).splitlines() if line.startswith("| ")}
     assert "| 91.67 ± 0.76 (3/3) | tie (+0.667) | better (+31.7) | 10 (10.0%) | 1 | 1.0 |" in rows["small 0.5 accumulated.relative"]
-    assert "not run" in rows["large 0.5 accumulated.relative"] and "not run" in rows["random 0.5"]
+    # Arms the task never ran at any bit setting (outside its arm set) get no row.
+    assert "large 0.5 accumulated.relative" not in rows and "random 0.5" not in rows
+    cells[experiment.cell_key("m", "W4A8", 0, "random 0.5")] = {**cells[experiment.cell_key("m", "W3A3", 0, "PTQ")], "arm": "random 0.5", "bits": "W4A8"}
+    w3a3 = experiment.table(results).split("#### m W3A3")[1]
+    assert "| random 0.5 | not run |" in w3a3
+
+
+def test_core_arm_set_keeps_the_sweep_to_the_default_ranking() -> None:
+    core, every = experiment.arms(0, arm_set="core"), experiment.arms(0)
+    assert len(core) == 13 and len(every) == 19 and set(core) < set(every)
+    sweep = [name for name in core if " 0.25 " in name or " 0.75 " in name]
+    assert sweep == ["small 0.25 accumulated.relative", "small 0.75 accumulated.relative"]
+    with pytest.raises(ValueError, match="arm set"):
+        experiment.arms(0, arm_set="some")
 
 
 def test_fashion_mnist_reader_and_packer(tmp_path) -> None:
