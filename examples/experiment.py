@@ -226,7 +226,7 @@ def run_arm(task: Task, state: PTQState, select: ptqat_fx.Select | None, budget:
                 gm.train()
 
         data = [task.model_inputs(batch) for batch in state.train_batches]
-        options: dict[str, Any] = {"teacher": state.recorded_teacher or state.teacher}
+        options: dict[str, Any] = {"teacher": state.teacher if state.recorded_teacher is None else state.recorded_teacher}
         if budget.objective == "task":
             data = [(*task.model_inputs(batch), batch) for batch in state.train_batches]
             # finetune calls loss(outputs, *targets): the one target here is the whole batch.
@@ -411,6 +411,18 @@ def _curve_table(task: str, metric: str, cells: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _pool_batches(train_set: dict[str, torch.Tensor], pool: int, batch: int,
+                  device: torch.device) -> Callable[[int, int], list[dict[str, torch.Tensor]]]:
+    """``(seed, count) -> count`` batches drawn from a rendered scene pool, the seed fixing which."""
+    from examples.bev import train
+
+    def make_train_batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed)
+        return [train.take(train_set, torch.randint(0, pool, (batch,), generator=generator).to(device)) for _ in range(count)]
+
+    return make_train_batches
+
+
 def bev_detection_task(name: str, *, device: str | torch.device = "cpu", pool: int = 256, val: int = 200,
                        batch: int = 2) -> Task:
     """A BEV detection stand-in (``examples/bev``) from its committed checkpoint: a pool of rendered
@@ -423,12 +435,8 @@ def bev_detection_task(name: str, *, device: str | torch.device = "cpu", pool: i
     train_set = train.render_set(0, pool, device)
     val_set = train.render_set(train.VAL_SEED, val, device)
 
-    def make_train_batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(seed)
-        return [train.take(train_set, torch.randint(0, pool, (batch,), generator=generator).to(device)) for _ in range(count)]
-
     return Task(
-        f"bev-{name}", lambda: train.build(name, checkpoint).to(device).eval(), make_train_batches,
+        f"bev-{name}", lambda: train.build(name, checkpoint).to(device).eval(), _pool_batches(train_set, pool, batch, device),
         lambda model: train.evaluate(model, module, val_set, batch=batch, decode=reference.decode),
         lambda outputs, batch_: sum(reference.loss(outputs, batch_).values()), module.inputs, metric="mAP",
     )
@@ -451,12 +459,8 @@ def bev_dense_task(name: str, *, device: str | torch.device = "cpu", pool: int =
     val_batches = [train.take(val_set, torch.arange(first, min(first + batch, val), device=device))
                    for first in range(0, val, batch)]
 
-    def make_train_batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(seed)
-        return [train.take(train_set, torch.randint(0, pool, (batch,), generator=generator).to(device)) for _ in range(count)]
-
     return Task(
-        f"bev-{name}", dense.build_model, make_train_batches, lambda model: tasks.evaluate(name, model, val_batches),
+        f"bev-{name}", dense.build_model, _pool_batches(train_set, pool, batch, device), lambda model: tasks.evaluate(name, model, val_batches),
         lambda outputs, batch_: sum(spec.losses(outputs, batch_).values()), spec.module.inputs, metric="mIoU",
     )
 

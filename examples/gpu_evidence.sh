@@ -35,25 +35,22 @@ start=$(date +%s)
       --seconds $((budget - $(date +%s) + start)) > "$work/curve.log" 2>&1
 ) &
 fi
-# BEV detection: one process per (model, seed), each through the bit settings in order, so that
-# the first bit setting gets all three seeds before the next one starts.
-for model in ${BEV_MODELS-bevdet bevdepth4d bevformer sparsebev}; do
-  for seed in ${BEV_SEEDS:-0 1 2}; do
-    part=$work/bev/${model}_s$seed.json
-    [ -f docs/results_bev.json ] && cp docs/results_bev.json "$part"
-    python3 -m examples.experiment run --task bev-$model --bits ${BEV_BITS:-W4A8 W4A4} --seeds $seed --arm-set core \
-        --seconds "$budget" --out "$part" > "$work/bev/${model}_s$seed.log" 2>&1 &
+# BEV detection, then the dense variants (map segmentation, occupancy): one process per
+# (task, seed), each through the bit settings in order, so that the first bit setting gets all
+# three seeds before the next one starts; each resumes from its docs/ JSON.
+bev_grid() {  # bev_grid <part folder> <results JSON> <task names...>
+  local folder=$1 results=$2; shift 2
+  for name in "$@"; do
+    for seed in ${BEV_SEEDS:-0 1 2}; do
+      part=$work/$folder/${name}_s$seed.json
+      [ -f "$results" ] && cp "$results" "$part"
+      python3 -m examples.experiment run --task bev-$name --bits ${BEV_BITS:-W4A8 W4A4} --seeds $seed --arm-set core \
+          --seconds "$budget" --out "$part" > "$work/$folder/${name}_s$seed.log" 2>&1 &
+    done
   done
-done
-# The dense variants (map segmentation, occupancy) the same way, into docs/results_dense.json.
-for name in ${DENSE_TASKS-bevdet_seg bevformer_seg bevdepth4d_occ}; do
-  for seed in ${BEV_SEEDS:-0 1 2}; do
-    part=$work/dense/${name}_s$seed.json
-    [ -f docs/results_dense.json ] && cp docs/results_dense.json "$part"
-    python3 -m examples.experiment run --task bev-$name --bits ${BEV_BITS:-W4A8 W4A4} --seeds $seed --arm-set core \
-        --seconds "$budget" --out "$part" > "$work/dense/${name}_s$seed.log" 2>&1 &
-  done
-done
+}
+bev_grid bev docs/results_bev.json ${BEV_MODELS-bevdet bevdepth4d bevformer sparsebev}
+bev_grid dense docs/results_dense.json ${DENSE_TASKS-bevdet_seg bevformer_seg bevdepth4d_occ}
 wait $(jobs -p | grep -v "^$sampler$")
 kill $sampler
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$work/gpu.txt" 2>&1
