@@ -148,7 +148,9 @@ def quantize(
             gm, data, len(inputs), modes=(select.mode,), metrics=(select.metric,), progress=progress,
             reference=record,
         ))
-        record = None  # what it holds is no longer needed
+        # The tapped forward calibration ran is a reference cycle (as every GraphModule is)
+        # holding the record: drop its tensors now, not at Python's next full collection.
+        record.release()
         gm = after("selected", select_layers(gm, select))
         gm = after("frozen", freeze(gm, select.train_other_params))
     gm.train(model.training)

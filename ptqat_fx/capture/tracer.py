@@ -230,6 +230,9 @@ def trace_once(
     keep_defaults(graph, model)
     positional_layer_arguments(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # FX's tracing closures make the tracer part of a reference cycle: without this it would
+    # keep the traced model (weights that later passes replace) until a full collection.
+    tracer.root = None
     specialization.specialize(gm, inputs, tracer.shape_queries)
     return gm
 

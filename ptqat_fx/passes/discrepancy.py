@@ -280,10 +280,12 @@ class QuantizedSweep:
 
     def _weight(self, node: fx.Node, quantizer: FakeQuantizer) -> Any:
         weight = self.interpreter.fetch_attr(node.args[0].target)
-        constant = self.interpreter.quantized_constant(node.name, quantizer, weight)
+        self.interpreter.quantized_constant(node.name, quantizer, weight)
+        constants, name = self.interpreter.quantized_constants, node.name
 
         def quantized_weight(weight: torch.Tensor) -> torch.Tensor:
-            return constant
+            # Looked up, not captured: ``release`` frees the constants.
+            return constants[name]
 
         return quantized_weight
 
@@ -298,6 +300,13 @@ class QuantizedSweep:
         for name, measured in self.pending:
             self.interpreter.add(name, measured)
         return True
+
+    def release(self) -> None:
+        """Drop the batch's float outputs and the quantized weights. The tapped forward is a
+        reference cycle (as every GraphModule is) that holds this sweep: without this they
+        would stay on the model's device until Python's next full collection."""
+        self.float_outputs, self.pending = {}, []
+        self.interpreter.quantized_constants.clear()
 
     def _compare(self, node_name: str, value: Any) -> None:
         float_out = self.float_outputs.get(node_name)
@@ -366,9 +375,12 @@ def discrepancy(
                 batches += 1
     finally:
         gm.train(was_training)
+        if sweep is not None:
+            sweep.release()
     if batches == 0:
         raise CalibrationError("discrepancy data yielded no batch")
     means = interpreter.means()
+    interpreter.sums.clear()  # a sweep's reference cycle may still hold the interpreter
     for spec in layer_specs(gm):
         spec.discrepancy.update(means.get(spec.name, {}))
     return gm

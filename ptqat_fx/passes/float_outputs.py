@@ -149,6 +149,10 @@ class FloatOutputs:
         """Recorded on ``gm``'s graph, with its parameters (step sizes aside) unchanged since."""
         return self._graph is gm.graph and bool(self.batches) and self._versions == _versions(gm)
 
+    def release(self) -> None:
+        """Drop what was recorded (the analysis is done with it)."""
+        self.batches, self._current, self._graph = [], None, None
+
     def outputs(self, index: int, args: tuple) -> dict[str, torch.Tensor | None] | None:
         """The recorded float outputs of batch ``index`` if its inputs equal ``args``."""
         if index >= len(self.batches) or not same_inputs(self.batches[index][0], args):

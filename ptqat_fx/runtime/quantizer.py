@@ -178,17 +178,21 @@ class FakeQuantizer(nn.Module):
             return x
         return lsq_fake_quantize(x, self.scale, self.qmin, self.qmax, self.channel_axis, self.save_input)
 
+    def _empty_observer(self) -> RangeObserver:
+        return RangeObserver(self.observer.method, self.qmax, self.channel_axis, self.observer.percentile)
+
     def observe(self) -> None:
         """Start (again) collecting ranges; the output is the unquantized input."""
-        self.observer = RangeObserver(
-            self.observer.method, self.qmax, self.channel_axis, self.observer.percentile
-        )
+        self.observer = self._empty_observer()
         self.mode = QuantizerMode.OBSERVE
 
     def finish_calibration(self) -> None:
-        """Set the step size from what the observer saw and start fake-quantizing."""
+        """Set the step size from what the observer saw and start fake-quantizing. The
+        observer's statistics are dropped: a weight observer holds a float copy of its whole
+        weight, which would otherwise stay on the model's device through training."""
         with torch.no_grad():
             self.scale.copy_(self.observer.scale().to(self.scale.device))
+        self.observer = self._empty_observer()
         self.mode = QuantizerMode.QUANTIZE
 
     @property
