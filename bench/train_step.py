@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import time
@@ -271,6 +272,7 @@ def main() -> None:
             continue
         try:
             model = make_arm(arm, copy.deepcopy(bases[name]).to(device), shape, device, args.calib_batches, config)
+            gc.collect()  # nothing of the previous arm or of quantize() counts in this arm's peak
             x, y = _batch(shape, device)
             compiled = torch.compile(model, backend=args.compile_backend) if arm in args.compile_arms else None
             tolerance = tolerance_from_floor(float_diffs[name]) if arm not in FLOAT_ARMS and float_diffs[name] else None
@@ -293,6 +295,9 @@ def main() -> None:
             for label in labels:
                 rows.setdefault(label, {"error": f"{type(error).__name__}: {str(error)[:600]}"})
         model = compiled = None
+        # A GraphModule is a reference cycle (with its Graph): without a collection the arm's
+        # model, gradients and quantize() leftovers stay allocated into the next arm's peak.
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         for label in labels:
