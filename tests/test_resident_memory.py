@@ -20,15 +20,23 @@ FAST = ptqat_fx.QuantConfig(w_observer="minmax", a_observer="minmax")
 
 
 def _storages(tensors) -> dict[int, int]:
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    """Distinct real storages; fake and meta tensors (left by compile tests) hold no memory."""
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch._subclasses.FakeTensor) or t.is_meta:
+            continue
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return storages
 
 
 def _reachable_tensors(root: object) -> list[torch.Tensor]:
-    """Every tensor reachable from ``root`` through Python references (modules skipped)."""
+    """Every tensor reachable from ``root`` through Python references; classes, modules and
+    functions (whose globals are process state, not the model's) are not followed."""
     seen, found, stack = set(), [], [root]
+    skipped = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (type, types.ModuleType)):
+        if id(obj) in seen or isinstance(obj, skipped):
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
