@@ -9,7 +9,7 @@ import ptqat_fx
 from ptqat_fx import ConfigError, QuantConfig, Select
 from ptqat_fx.runtime.frozen_conv import frozen_conv
 from ptqat_fx.layer_spec import layer_specs
-from ptqat_fx.meta import is_frozen
+from ptqat_fx.meta import is_frozen, layer_spec
 from ptqat_fx.saved_tensors import saved_tensor_bytes
 from ptqat_fx.passes.freeze import freeze
 from ptqat_fx.passes.select import select_layers
@@ -95,6 +95,13 @@ def test_frozen_layers_use_constants_and_frozen_conv():
     for node in frozen:
         assert node.target in (frozen_conv, F.linear)
         assert node.args[1].op == "get_attr" and node.args[1].target.endswith("frozen_weight")
+
+        # The constant is what the layer's weight quantizer computed before the rewrite.
+        spec = layer_spec(node)
+        quantizer = gm.get_submodule(spec.weight_quantizer)
+        with torch.no_grad():
+            expected = quantizer(gm.get_parameter(spec.weight))
+        assert torch.equal(gm.get_buffer(node.args[1].target), expected), spec.name
 
 
 def test_frozen_conv_keeps_only_the_weight():
