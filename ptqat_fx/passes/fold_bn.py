@@ -20,7 +20,10 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def fused_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``conv`` whose weight and bias absorb ``bn``'s eval-mode affine map."""
-    fused = copy.deepcopy(conv)
+    # A copy of everything but the weight and bias, which are replaced: copying them would
+    # be a device copy of every conv weight for nothing.
+    kept = {id(p): p for p in (conv.weight, conv.bias) if p is not None}
+    fused = copy.deepcopy(conv, memo=kept)
     weight = conv.weight.detach().double()
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bias)

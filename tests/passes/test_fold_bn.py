@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptqat_fx.passes.fold_bn import fold_bn
+from ptqat_fx.passes.fold_bn import fold_bn, fused_conv
 from ptqat_fx.capture import trace
 from examples import resnet_small
 
@@ -36,3 +36,16 @@ def test_conv_output_used_twice_is_not_folded():
     assert isinstance(gm.get_submodule("bn"), nn.BatchNorm2d)
     x = torch.randn(1, 2, 4, 4)
     assert torch.allclose(gm(x), model(x))
+
+
+def test_fused_conv_leaves_the_conv_alone_and_owns_its_parameters():
+    conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4).eval()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 2.0)
+    before = conv.weight.detach().clone()
+    fused = fused_conv(conv, bn)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(fused(x), bn(conv(x)), rtol=1e-5, atol=1e-6)
+    assert torch.equal(conv.weight, before) and conv.bias is None
+    assert fused.weight is not conv.weight and fused.weight.data_ptr() != conv.weight.data_ptr()
+    assert fused.bias is not None
