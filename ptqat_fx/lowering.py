@@ -5,24 +5,24 @@ weight, int4 packing, and the deployable form of a trained graph.
 (``unfuse``, then each frozen form back to its kind's functional form, from ``layer_kinds``);
 ``integer_weight`` reads the integers a weight quantizer stands for; ``integer_layer`` and
 ``integer_form`` give a layer the arithmetic of integer engines (integer accumulation, int32
-bias; ``convert(..., arithmetic="engine")`` and the ONNX export share them); ``require_lowerable``
-refuses graphs that cannot be lowered node by node. ``convert`` and ``export_onnx`` both start
-from these, so both lowerings store the same integers.
+bias; ``convert(..., arithmetic="engine")`` and the ONNX export share them). ``convert`` and
+``export_onnx`` both start from these, so both lowerings store the same integers
+(``leaf_lowering`` does the same for the layers inside leaf modules).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from .errors import CalibrationError, InputError
 from .layer_kinds import kind
 from .layer_spec import layer_nodes, layer_specs
 from .meta import layer_spec
 from .passes.unfuse import unfuse
-from .runtime.quantizer import FROZEN_WEIGHT, FakeQuantizer, broadcast_scale, is_quantizer_node, quantizers
+# The arithmetic forms convert writes into graphs; runtime's, since lowered leaf layers run them too.
+from .runtime.lowered_layers import quantize_dequantize, quantize_integers, unpack_int4  # noqa: F401
+from .runtime.quantizer import FROZEN_WEIGHT, FakeQuantizer, broadcast_scale, is_quantizer_node
 
 
 @dataclass(frozen=True)
@@ -49,26 +49,6 @@ class IntegerWeight:
         return broadcast_scale(self.scale, self.values.dim(), self.axis)
 
 
-def require_lowerable(gm: fx.GraphModule) -> None:
-    """Raise CalibrationError naming the first quantizer of ``gm`` still in observe mode, or
-    InputError naming the quantizers the graph does not call (inside leaf modules, which
-    run their own ``forward`` and cannot be lowered node by node)."""
-    used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
-    used |= {node.target.rpartition(".")[0] for node in gm.graph.nodes if node.op == "get_attr"}
-    hidden = [name for name in quantizers(gm) if name not in used]
-    if hidden:
-        raise InputError(
-            f"quantizers {hidden[:3]} are inside leaf modules, which convert/export cannot "
-            "lower; trace those modules (drop them from leaf_modules) or skip their layers"
-        )
-    for name, quantizer in quantizers(gm).items():
-        if not quantizer.calibrated:
-            raise CalibrationError(
-                f"quantizer {name!r} was never calibrated (mode 'observe'), so it has no scale "
-                "to lower; run ptqat_fx.quantize(..., calib_data) or passes.calibrate first"
-            )
-
-
 def integer_weight(gm: fx.GraphModule, node: fx.Node) -> IntegerWeight | None:
     """The integer form of the weight that ``node`` computes, or None when ``node`` is not a
     quantized weight.
@@ -87,7 +67,12 @@ def integer_weight(gm: fx.GraphModule, node: fx.Node) -> IntegerWeight | None:
     quantizer = gm.get_submodule(quantizer_path)
     if not isinstance(quantizer, FakeQuantizer):
         return None
-    weight = fetch(gm, node.target if node.op == "get_attr" else path).detach()
+    return weight_integers(path, fetch(gm, node.target if node.op == "get_attr" else path), quantizer)
+
+
+def weight_integers(path: str, weight: torch.Tensor, quantizer: FakeQuantizer) -> IntegerWeight:
+    """The integers that weight quantizer ``quantizer`` makes of ``weight`` (stored at ``path``)."""
+    weight = weight.detach()
     scale = quantizer.scale.detach().float()
     step = broadcast_scale(scale, weight.dim(), quantizer.channel_axis)
     values = (weight.float() / step).clamp(quantizer.qmin, quantizer.qmax).round()
@@ -170,17 +155,28 @@ def integer_layer(gm: fx.GraphModule, node: fx.Node) -> IntegerLayer | None:
     given = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if given is not None and bias_node is None:
         return None  # a computed bias: keep the float layer
-    step = gm.get_submodule(source.target).scale.detach().float().reshape(())
+    bias = None if bias_node is None else (bias_node.target, fetch(gm, bias_node.target))
+    scale, integer_bias = accumulator(spec.kind, gm.get_submodule(source.target), weight, bias)
+    return IntegerLayer(node, source, weight, scale, integer_bias)
+
+
+def accumulator(
+    kind_name: str, source: FakeQuantizer, weight: IntegerWeight, bias: tuple[str, torch.Tensor] | None
+) -> tuple[torch.Tensor, IntegerBias | None]:
+    """The accumulator step ``s_x * s_w`` of a ``kind_name`` layer (one of ``INTEGER_KINDS``)
+    whose input quantizer is ``source`` and weight ``weight``, shaped to broadcast over the
+    layer's output, and its bias ``(path, float bias)`` as int32 at that step."""
+    step = source.scale.detach().float().reshape(())
     channels = (step * weight.scale.float()).reshape(-1)
-    axis = None if channels.numel() == 1 else (0 if spec.kind == "linear" else 1)
-    ndim = 1 if spec.kind == "linear" else weight.values.dim()
-    bias = None
-    if bias_node is not None:
-        values = fetch(gm, bias_node.target).detach().float()
+    axis = None if channels.numel() == 1 else (0 if kind_name == "linear" else 1)
+    ndim = 1 if kind_name == "linear" else weight.values.dim()
+    integer_bias = None
+    if bias is not None:
+        path, values = bias[0], bias[1].detach().float()
         integers = torch.round(values / channels).clamp(*INT32_RANGE).to(torch.int32)
-        bias = IntegerBias(bias_node.target, broadcast_scale(integers, ndim, axis) if axis is not None else integers,
-                           channels, axis)
-    return IntegerLayer(node, source, weight, broadcast_scale(channels, ndim, axis), bias)
+        integer_bias = IntegerBias(path, broadcast_scale(integers, ndim, axis) if axis is not None else integers,
+                                   channels, axis)
+    return broadcast_scale(channels, ndim, axis), integer_bias
 
 
 def integer_form(
@@ -241,20 +237,6 @@ def deployable_layers(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def quantize_dequantize(
-    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Explicit quantize (``round(clamp(x / scale))`` stored as ``dtype``) then dequantize
-    (times ``scale``): the fake-quantizer's arithmetic, op for op. Plain tensor ops, so it
-    also traces (``convert`` records it into the graph)."""
-    return quantize_integers(x, scale, qmin, qmax, dtype) * scale
-
-
-def quantize_integers(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype) -> torch.Tensor:
-    """The integers of ``quantize_dequantize``: ``round(clamp(x / scale))`` stored as ``dtype``."""
-    return torch.round(torch.clamp(torch.div(x, scale), qmin, qmax)).to(dtype)
-
-
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
     """Two signed 4-bit values per byte (element 2i in the low nibble), flattened; an odd
     count is padded with a zero."""
@@ -262,14 +244,6 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
     return flat[0::2] | (flat[1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Inverse of ``pack_int4``: the int8 tensor of ``shape``. Plain tensor ops, so it also
-    traces (``convert`` records it into the graph)."""
-    nibbles = torch.stack([packed & 0xF, packed >> 4], -1).flatten().to(torch.int8)
-    count = math.prod(shape)
-    return ((nibbles ^ 8) - 8)[:count].reshape(tuple(shape))
 
 
 def fetch(gm: nn.Module, path: str) -> torch.Tensor:

@@ -37,11 +37,14 @@ from ..meta import SPECIALIZATION_KEY
 from ..layer_spec import layer_nodes, layer_specs
 from ..lowering import (
     IntegerLayer, IntegerWeight, bias_argument, deployable_layers, integer_form, integer_layer, integer_weight,
-    pack_int4, require_lowerable, set_buffer,
+    pack_int4, set_buffer,
 )
+from ..leaf_lowering import LeafLayer, lower_leaves, require_lowerable
+from ..runtime.lowered_layers import Accumulation
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 from ..views.deploy_report import attach, deploy_report
 from . import tensorrt_rules
+from .data_dependent import is_data_dependent, specialised_program
 
 DOMAIN = "ptqat_fx"
 DEFAULT_OPSET = 21
@@ -188,6 +191,50 @@ def _integer_layer(gm: fx.GraphModule, table: list[Entry], layer: IntegerLayer) 
     return source  # the weight node the integer marker now reads
 
 
+class _Marker(torch.nn.Module):
+    """A leaf layer's input operand during export: the marker of table entry ``index``."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ptqat_fx.qdq.default(x, self.index)
+
+
+class _WeightMarker(_Marker):
+    """A leaf layer's weight operand during export: the marker on its float weight (a buffer
+    the marker lowering leaves unread, so it is not saved)."""
+
+    def __init__(self, weight: torch.Tensor, index: int) -> None:
+        super().__init__(index)
+        self.register_buffer("weight", weight.detach().clone())
+
+    def forward(self) -> torch.Tensor:
+        return super().forward(self.weight)
+
+
+def _mark_leaves(gm: fx.GraphModule, table: list[Entry], integer_layers: bool) -> None:
+    """Lower the leaf layers and opaque-call input quantizers of ``gm`` to marker modules
+    (``leaf_lowering``): the entries they stand for are appended to ``table``."""
+
+    def entry(value: Entry, integers: bool) -> int:
+        table.append(Unscaled(value) if integers else value)
+        return len(table) - 1
+
+    def activation(path: str, quantizer: FakeQuantizer, integers: bool) -> torch.nn.Module:
+        quant = ActivationQuant(path, float(quantizer.scale.detach().reshape(())), quantizer.bits, quantizer.signed)
+        return _Marker(entry(quant, integers))
+
+    def weight(layer: LeafLayer) -> torch.nn.Module:
+        return _WeightMarker(layer.module.weight, entry(layer.weight, layer.scale is not None))
+
+    def accumulation(layer: LeafLayer) -> torch.nn.Module:
+        return Accumulation(layer.scale, None if layer.bias is None else layer.bias.values)
+
+    lower_leaves(gm, integer_layers, activation, weight, accumulation)
+
+
 def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[fx.GraphModule, list[Entry]]:
     """A copy of ``qmodel`` whose quantizers are ``torch.ops.ptqat_fx.qdq`` markers, and the
     table the markers' indices point into. With ``integer_layers``, conv/linear layers between
@@ -198,6 +245,7 @@ def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[f
     require_lowerable(qmodel)
     gm = deployable_layers(copy.deepcopy(qmodel))
     table: list[Entry] = []
+    _mark_leaves(gm, table, integer_layers)
     layers = [layer for node in layer_nodes(gm) if integer_layers and (layer := integer_layer(gm, node)) is not None]
     # A frozen weight is a get_attr the integer marker reads directly: unless something else
     # reads it too, it must not get a scaled marker of its own as well.
@@ -346,6 +394,11 @@ def export_onnx(
     float, and why) in the model's ``metadata_props``: ``print(DeployReport.of(model))``
     (``ptqat_fx.views.deploy_report``).
 
+    Leaf modules (kept eager by capture) are exported with their layers lowered as modules
+    (``leaf_lowering``). Where a leaf decides on tensor values, which ``torch.export`` cannot
+    capture, the graph takes the path the example inputs take, and a ``UserWarning`` names each
+    such decision (``export.data_dependent``).
+
     Raises:
         CalibrationError: a quantizer was never calibrated.
         InputError: ``opset`` too old for the model's bit widths (the message names it),
@@ -371,16 +424,22 @@ def export_onnx(
     if tensorrt:
         table = tensorrt_rules.tensorrt_table(table)
     _check_opset(table, opset)
-    try:
-        program = torch.onnx.export(
-            gm,
-            example_inputs,
-            dynamo=True,
-            opset_version=opset,
-            custom_translation_table=_translation_table(),
-            dynamic_shapes=_batch_shapes(example_inputs) if dynamic_batch else None,
-            verbose=False,
+    dynamic_shapes = _batch_shapes(example_inputs) if dynamic_batch else None
+
+    def onnx_program(model: fx.GraphModule | torch.export.ExportedProgram):
+        return torch.onnx.export(
+            model, example_inputs, dynamo=True, opset_version=opset, custom_translation_table=_translation_table(),
+            dynamic_shapes=dynamic_shapes, verbose=False,
         )
+
+    try:
+        try:
+            program = onnx_program(gm)
+        except Exception as error:  # torch.onnx wraps torch.export's errors in its own
+            if not is_data_dependent(error):
+                raise
+            # A leaf decides on tensor values: capture it along the example inputs' path.
+            program = onnx_program(specialised_program(gm, example_inputs, dynamic_shapes))
     except Exception as error:  # torch raises several types when a dimension is specialised
         if dynamic_batch and "batch" in str(error):
             raise InputError(

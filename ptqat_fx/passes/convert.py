@@ -30,11 +30,13 @@ from torch.fx.proxy import GraphAppendingTracer
 from ..checks import require_quantized_float32
 from ..errors import InputError
 from ..layer_spec import layer_nodes
+from ..leaf_lowering import LeafLayer, lower_leaves, require_lowerable
 from ..lowering import (
     IntegerLayer, IntegerWeight, deployable_layers, integer_form, integer_layer, integer_weight, pack_int4,
-    quantize_dequantize, quantize_integers, require_lowerable, set_buffer, unpack_int4,
+    quantize_dequantize, quantize_integers, set_buffer, unpack_int4,
 )
 from ..meta import layer_spec, set_converted
+from ..runtime.lowered_layers import Accumulation, QuantizeDequantize, StoredWeight
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 
 
@@ -121,6 +123,21 @@ class _Lowering:
         set_converted(output, {"integer_layer": layer_spec(node).name, "bits": layer.weight.bits})
 
 
+def _leaf_input(path: str, quantizer: FakeQuantizer, integers: bool) -> nn.Module:
+    integer = torch.int8 if quantizer.signed else torch.uint8
+    return QuantizeDequantize(quantizer.scale, quantizer.qmin, quantizer.qmax, integer, integers)
+
+
+def _leaf_weight(layer: LeafLayer, pack: bool) -> nn.Module:
+    weight, packed = layer.weight, pack and layer.weight.bits <= 4
+    values = pack_int4(weight.values) if packed else weight.values
+    return StoredWeight(values, weight.broadcast_scale(), weight.values.shape, packed, integers=layer.scale is not None)
+
+
+def _leaf_accumulation(layer: LeafLayer) -> nn.Module:
+    return Accumulation(layer.scale, None if layer.bias is None else layer.bias.values)
+
+
 ARITHMETICS = ("fake_quant", "engine")
 
 
@@ -141,17 +158,26 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False, arithmet
             mode (docs/deploy.md has the measured agreement).
 
     The float weights that were quantized are removed; the result is in eval mode. Each
-    dequantize node records what it lowered in ``node.meta["ptqat_convert"]``.
+    dequantize node records what it lowered in ``node.meta["ptqat_convert"]``. The layers
+    inside leaf modules, which run their own ``forward``, are lowered as modules with the same
+    arithmetic (``runtime.lowered_layers``: ``<layer>.weight_operand.values`` and ``.scale``,
+    ``<layer>.input_quantizer.scale``, with ``"engine"`` ``<layer>.accumulation``), and so are
+    the input quantizers of wrapped calls (``OpaqueCall``; float Q/DQ in either arithmetic, as
+    the export writes them).
 
     Raises:
         CalibrationError: a quantizer was never calibrated.
-        InputError: an unknown ``arithmetic``.
+        InputError: an unknown ``arithmetic``, or a quantizer that neither the graph calls nor
+            a leaf layer or wrapped call holds (``leaf_lowering.require_lowerable``).
     """
     require_quantized_float32(qmodel, "convert")
     if arithmetic not in ARITHMETICS:
         raise InputError(f"arithmetic={arithmetic!r}: choose one of {ARITHMETICS}")
     require_lowerable(qmodel)
     gm = deployable_layers(copy.deepcopy(qmodel))
+    # Leaves and opaque calls run their own code: their layers are lowered as modules.
+    lower_leaves(gm, arithmetic == "engine", _leaf_input, lambda layer: _leaf_weight(layer, pack_int4_weights),
+                 _leaf_accumulation)
     lowering = _Lowering(gm, pack_int4_weights)
     # Planned before rewriting: lowering an activation quantizer replaces its module, which
     # later calls of the same quantizer would no longer be recognised by.

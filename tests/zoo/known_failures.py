@@ -3,15 +3,12 @@
 and the user source lines); remove an entry when its XPASS shows the cause is fixed."""
 from __future__ import annotations
 
-LEAF_CONVERT = ("convert/export_onnx refuse quantizers inside leaf modules "
-                "(InputError 'quantizers ... are inside leaf modules')")
 ONNX_DRIFT = ("ONNX (default onnxruntime) vs convert(arithmetic='engine') relative L2 above 1e-2; cause not yet measured, likely layers "
               "kept in float Q/DQ (matmuls of two activations, transposed convs), whose accumulation order differs")
 CONSTANT_W4A8 = ("the W4A8 PTQAT model's output does not vary with random init, so the convert/ONNX error is "
                  "not measurable (NaN: a constant reference measures nothing)")
 RANDOM_INIT_W8A8 = "W8A8 error 0.05-0.07 with random init (depthwise/SE outputs of ~1e-10 scale), traced whole"
 
-_IDIOM_LEAVES = ("data_dependent_if", "item_assignment", "no_grad_in_forward", "nonzero_len")
 _W8A8_RANDOM = {"timm/mobilenetv3_small_050": 0.071, "timm/mobilenetv4_conv_small": 0.103, "timm/maxvit": 0.070,
                 "timm/mobilevit_xxs": 0.162, "timm/poolformer_s12": 0.052, "timm/fastvit_t8": 0.060,
                 "timm/efficientvit_m0": 0.054}
@@ -19,9 +16,6 @@ _W8A8_RANDOM = {"timm/mobilenetv3_small_050": 0.071, "timm/mobilenetv4_conv_smal
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("timm/maxvit", "onnx"): f"{ONNX_DRIFT}: 0.039",
     **{(name, "w8a8"): f"{RANDOM_INIT_W8A8}: {error}" for name, error in _W8A8_RANDOM.items()},
-    ("swin(small config)", "convert"): ("convert/export refuse the input quantizers of the wrapped "
-                                        "shifted_window_attention call (OpaqueCall)"),
-    ("swin(small config)", "onnx"): "as convert: OpaqueCall input quantizers cannot be lowered",
     ("timm/repvgg_a0", "finetune"): ("2 of 22 selected weights (stem.conv_1x1, stages.0.1.conv_1x1) do not change "
                                      "in 2 steps: the random-init forward grows ~10x per block, so the scale-free "
                                      "loss's gradients shrink ~10x per block toward the input (head.fc 2e+0, "
@@ -32,7 +26,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
                                         "boxes/scores), so the W8A8 and convert errors read NaN (not measurable)")
        for line in ("w8a8", "convert")},
     ("tv/fcos_resnet50_fpn", "onnx"): "torch.onnx ConversionError in step 3/3 (exported program -> ONNX)",
-    **{(name, line): LEAF_CONVERT for name in _IDIOM_LEAVES for line in ("convert", "onnx")},
     ("hf/gpt2_lm(tied)", "onnx"): ("torch.export refuses the output's DynamicCache (use_cache=True; no pytree "
                                    "registered for it)"),
     **{(name, line): CONSTANT_W4A8 for name in ("timm/efficientnet_b0", "timm/levit_128s") for line in ("convert", "onnx")},
