@@ -20,7 +20,7 @@ from torch import fx, nn
 from .errors import CalibrationError, InputError
 from .layer_kinds import kind
 from .lowering import INTEGER_KINDS, IntegerBias, IntegerWeight, accumulator, weight_integers
-from .runtime.lowered_layers import lower_layer_module
+from .runtime.lowered_layers import is_lowered_layer, lower_layer_module
 from .runtime.opaque_call import OpaqueCall
 from .runtime.quantized_modules import is_quantized_layer
 from .runtime.quantizer import FakeQuantizer, quantizers
@@ -55,7 +55,7 @@ def leaf_layers(gm: nn.Module, integer: bool) -> list[LeafLayer]:
     class) get the accumulator step and int32 bias."""
     found = []
     for path, module in gm.named_modules():
-        if not is_quantized_layer(module) or not hasattr(module, "weight_fake_quant"):
+        if not is_quantized_layer(module) or is_lowered_layer(module):
             continue
         weight = weight_integers(f"{path}.weight", module.weight, module.weight_fake_quant)
         spec_kind = module.layer_spec.kind
@@ -82,8 +82,8 @@ def unreached_quantizers(gm: fx.GraphModule) -> list[str]:
     (nothing should remain: a quantizer in an unknown place is reported, not left in float)."""
     used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
     used |= {node.target.rpartition(".")[0] for node in gm.graph.nodes if node.op == "get_attr"}
-    owned = {id(layer.module.weight_fake_quant) for layer in leaf_layers(gm, integer=False)}
-    owned |= {id(layer.input) for layer in leaf_layers(gm, integer=False)}
+    layers = leaf_layers(gm, integer=False)
+    owned = {id(q) for layer in layers for q in (layer.module.weight_fake_quant, layer.input)}
     owned |= {id(quantizer) for quantizer in opaque_input_quantizers(gm).values()}
     return [
         path for path, module in gm.named_modules()

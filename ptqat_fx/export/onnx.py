@@ -15,20 +15,18 @@ quantizers are exported as markers and lowered here:
    activation marker by ``QuantizeLinear -> DequantizeLinear`` with a scalar scale and zero
    point 0 (INT8, or UINT8 for unsigned ranges).
 
-The marker is the only contract with the exporter (a custom op with a translation table),
+The marker (``export.markers``) is the only contract with the exporter (a custom op with a translation table),
 which holds from torch 2.6 on. The result passes ``onnx.checker.check_model(full_check=True)``.
 """
 from __future__ import annotations
 
 import copy
-import functools
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, defs, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
 from ..checks import require_quantized_float32
@@ -39,72 +37,17 @@ from ..lowering import (
     IntegerLayer, IntegerWeight, bias_argument, deployable_layers, integer_form, integer_layer, integer_weight,
     pack_int4, set_buffer,
 )
-from ..leaf_lowering import LeafLayer, lower_leaves, require_lowerable
-from ..runtime.lowered_layers import Accumulation
+from ..leaf_lowering import require_lowerable
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 from ..views.deploy_report import attach, deploy_report
 from . import tensorrt_rules
 from .data_dependent import is_data_dependent, specialised_program
+from .markers import DOMAIN, ActivationQuant, Entry, Unscaled, mark_leaves, translation_table
 
-DOMAIN = "ptqat_fx"
 DEFAULT_OPSET = 21
 INT4_OPSET = 21
 # Per-axis DequantizeLinear arrived in opset 13.
 MIN_OPSET = 13
-
-if not defs.has("QDQ", DOMAIN):
-    defs.register_schema(
-        defs.OpSchema(
-            "QDQ", DOMAIN, 1,
-            doc="ptqat-fx export marker for one quantizer; replaced before the model is saved",
-            inputs=[defs.OpSchema.FormalParameter("x", "T")],
-            outputs=[defs.OpSchema.FormalParameter("y", "T")],
-            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float")],
-            attributes=[defs.OpSchema.Attribute("index", defs.OpSchema.AttrType.INT, "table index")],
-        )
-    )
-
-
-@torch.library.custom_op("ptqat_fx::qdq", mutates_args=())
-def _qdq_marker(x: torch.Tensor, index: int) -> torch.Tensor:
-    """Stands for quantizer ``index`` during ONNX export only; its values are never used."""
-    return x.clone()
-
-
-@_qdq_marker.register_fake
-def _(x: torch.Tensor, index: int) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@functools.cache
-def _translation_table() -> dict:
-    """The marker's ONNX translation; onnxscript (which torch's exporter needs anyway) is
-    imported only when exporting."""
-    try:
-        import onnxscript
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            "export_onnx needs onnxscript (torch's ONNX exporter is written in it), a dependency of "
-            "ptqat-fx that this environment lacks: pip install onnxscript", name="onnxscript"
-        ) from error
-
-    opset = onnxscript.values.Opset(DOMAIN, 1)
-
-    def translate(x, index: int):
-        return opset.QDQ(x, index=index)
-
-    return {torch.ops.ptqat_fx.qdq.default: translate}
-
-
-@dataclass(frozen=True)
-class ActivationQuant:
-    """What an activation marker lowers to: Q/DQ with ``scale`` and zero point 0."""
-
-    path: str
-    scale: float
-    bits: int
-    signed: bool
-
 
 def _onnx_type(bits: int, signed: bool) -> int:
     if bits <= 4:
@@ -122,25 +65,6 @@ def integer_initializer(name: str, values: torch.Tensor, data_type: int) -> Tens
     else:
         tensor.raw_data = values.numpy().astype(np.int8 if data_type == TensorProto.INT8 else np.uint8).tobytes()
     return tensor
-
-
-@dataclass(frozen=True)
-class Unscaled:
-    """A quantizer lowered to its integers as float (DequantizeLinear with scale 1): the
-    operands of an integer layer (``lowering.integer_layer``)."""
-
-    entry: IntegerWeight | ActivationQuant
-
-    @property
-    def bits(self) -> int:
-        return self.entry.bits
-
-    @property
-    def path(self) -> str:
-        return self.entry.path
-
-
-Entry = IntegerWeight | ActivationQuant | Unscaled
 
 
 def _check_opset(table: list[Entry], opset: int) -> None:
@@ -191,50 +115,6 @@ def _integer_layer(gm: fx.GraphModule, table: list[Entry], layer: IntegerLayer) 
     return source  # the weight node the integer marker now reads
 
 
-class _Marker(torch.nn.Module):
-    """A leaf layer's input operand during export: the marker of table entry ``index``."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.ptqat_fx.qdq.default(x, self.index)
-
-
-class _WeightMarker(_Marker):
-    """A leaf layer's weight operand during export: the marker on its float weight (a buffer
-    the marker lowering leaves unread, so it is not saved)."""
-
-    def __init__(self, weight: torch.Tensor, index: int) -> None:
-        super().__init__(index)
-        self.register_buffer("weight", weight.detach().clone())
-
-    def forward(self) -> torch.Tensor:
-        return super().forward(self.weight)
-
-
-def _mark_leaves(gm: fx.GraphModule, table: list[Entry], integer_layers: bool) -> None:
-    """Lower the leaf layers and opaque-call input quantizers of ``gm`` to marker modules
-    (``leaf_lowering``): the entries they stand for are appended to ``table``."""
-
-    def entry(value: Entry, integers: bool) -> int:
-        table.append(Unscaled(value) if integers else value)
-        return len(table) - 1
-
-    def activation(path: str, quantizer: FakeQuantizer, integers: bool) -> torch.nn.Module:
-        quant = ActivationQuant(path, float(quantizer.scale.detach().reshape(())), quantizer.bits, quantizer.signed)
-        return _Marker(entry(quant, integers))
-
-    def weight(layer: LeafLayer) -> torch.nn.Module:
-        return _WeightMarker(layer.module.weight, entry(layer.weight, layer.scale is not None))
-
-    def accumulation(layer: LeafLayer) -> torch.nn.Module:
-        return Accumulation(layer.scale, None if layer.bias is None else layer.bias.values)
-
-    lower_leaves(gm, integer_layers, activation, weight, accumulation)
-
-
 def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[fx.GraphModule, list[Entry]]:
     """A copy of ``qmodel`` whose quantizers are ``torch.ops.ptqat_fx.qdq`` markers, and the
     table the markers' indices point into. With ``integer_layers``, conv/linear layers between
@@ -245,7 +125,7 @@ def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[f
     require_lowerable(qmodel)
     gm = deployable_layers(copy.deepcopy(qmodel))
     table: list[Entry] = []
-    _mark_leaves(gm, table, integer_layers)
+    mark_leaves(gm, table, integer_layers)
     layers = [layer for node in layer_nodes(gm) if integer_layers and (layer := integer_layer(gm, node)) is not None]
     # A frozen weight is a get_attr the integer marker reads directly: unless something else
     # reads it too, it must not get a scaled marker of its own as well.
@@ -428,7 +308,7 @@ def export_onnx(
 
     def onnx_program(model: fx.GraphModule | torch.export.ExportedProgram):
         return torch.onnx.export(
-            model, example_inputs, dynamo=True, opset_version=opset, custom_translation_table=_translation_table(),
+            model, example_inputs, dynamo=True, opset_version=opset, custom_translation_table=translation_table(),
             dynamic_shapes=dynamic_shapes, verbose=False,
         )
 

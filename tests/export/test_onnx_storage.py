@@ -91,12 +91,12 @@ def test_w4_resnet50_file_is_at_least_7_5x_smaller_than_fp32(tmp_path):
 def test_missing_onnxscript_error_names_it(monkeypatch, tmp_path):
     import sys
 
-    from ptqat_fx.export import onnx as export_module
+    from ptqat_fx.export import markers
 
-    export_module._translation_table.cache_clear()
+    markers.translation_table.cache_clear()
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import now raises ModuleNotFoundError
     try:
         with pytest.raises(ModuleNotFoundError, match="pip install onnxscript"):
             ptqat_fx.export_onnx(quantized("mlp", 8), (example_input("mlp"),), tmp_path / "m.onnx")
     finally:
-        export_module._translation_table.cache_clear()
+        markers.translation_table.cache_clear()
