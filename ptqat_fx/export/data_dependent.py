@@ -24,6 +24,11 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ..errors import InputError
 
+# Draft export's real-tensor propagation has taken a decision the example inputs do not take
+# (torch 2.13, now and then, in the same process and input: a branch on ``amax`` came out True
+# where the eager value is False); the program's own assertions catch that, and a new capture
+# usually decides right.
+_ATTEMPTS = 3
 _ASSERTIONS = (
     torch.ops.aten._assert_scalar.default,
     torch.ops.aten._assert_async.msg,
@@ -79,9 +84,24 @@ def specialised_program(
 
     Raises:
         InputError: draft export met a problem other than a data-dependent decision (the
-            message lists them).
+            message lists them), or its captures kept taking decisions the example inputs do not.
     """
-    program = torch.export.draft_export(gm, example_inputs, dynamic_shapes=dynamic_shapes)
+    for attempt in range(_ATTEMPTS):
+        program = torch.export.draft_export(gm, example_inputs, dynamic_shapes=dynamic_shapes)
+        try:
+            # The program asserts each decision it took; the example inputs must pass them.
+            with torch.no_grad():
+                program.module()(*example_inputs)
+            break
+        except Exception as error:  # noqa: BLE001 - a failed runtime assertion, as torch raises it
+            failed = error
+    else:
+        raise InputError(
+            f"export_onnx: torch.export cannot capture decisions on tensor values, and draft export's "
+            f"capture along the example inputs' path took other decisions than they do in {_ATTEMPTS} "
+            f"attempts ({str(failed).splitlines()[0][:200]}); trace the leaf's decision out of the "
+            "model (torch.cond, or compute it outside forward)"
+        ) from failed
     report = program._report  # draft export's only account of what it assumed (torch.onnx reads it too)
     decisions, others = [], []
     for failure in report.failures:
