@@ -42,8 +42,20 @@ class QuantizerSpec:
     observer: str = "mse"
     percentile: float = 99.99
 
-    def build(self) -> FakeQuantizer:
-        return FakeQuantizer(self.bits, self.signed, self.channel_axis, self.channels, self.observer, self.percentile)
+    def build(self, device: torch.device | None = None) -> FakeQuantizer:
+        return FakeQuantizer(
+            self.bits, self.signed, self.channel_axis, self.channels, self.observer, self.percentile, device
+        )
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """Where the model's own parameters and buffers live (its quantizers aside), or None."""
+    for module in model.modules():
+        if isinstance(module, FakeQuantizer):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            return tensor.device
+    return None
 
 
 def non_negative(gm: fx.GraphModule, node: object) -> bool:

@@ -15,7 +15,8 @@ from torch import fx
 from ..model_inputs import model_args
 from ..errors import CalibrationError
 from ..progress import progress_bar
-from ..runtime.quantizer import FakeQuantizer, quantizers
+from ..quantizer_factory import model_device
+from ..runtime.quantizer import finish_calibrations, quantizers
 from .float_outputs import FloatOutputs
 
 
@@ -26,16 +27,6 @@ def _check_finite(args: tuple, index: int) -> None:
                 f"calib_data batch {index}, input {position}: contains NaN or Inf; "
                 "clean or drop that batch"
             )
-
-
-def _model_device(gm: fx.GraphModule) -> torch.device | None:
-    """Where the model's own parameters and buffers live (quantizers are made on the CPU)."""
-    for module in gm.modules():
-        if isinstance(module, FakeQuantizer):
-            continue
-        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            return tensor.device
-    return None
 
 
 def calibrate(
@@ -63,7 +54,7 @@ def calibrate(
         CalibrationError: empty data, or a batch with NaN/Inf (naming the batch index).
     """
     all_quantizers = quantizers(gm)
-    device = _model_device(gm)
+    device = model_device(gm)
     for quantizer in all_quantizers.values():
         quantizer.observe()
         if device is not None:
@@ -93,5 +84,5 @@ def calibrate(
                 f"quantizer {name!r} saw no data during calibration: its layer did not run on "
                 "calib_data (a branch the data never takes?); skip the layer with QuantConfig(skip=...)"
             )
-        quantizer.finish_calibration()
+    finish_calibrations(all_quantizers.values())
     return gm

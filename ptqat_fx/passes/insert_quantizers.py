@@ -20,7 +20,7 @@ from ..config import QuantConfig
 from ..layer_kinds import kind
 from ..layer_spec import LayerSpec, layer_nodes
 from ..meta import layer_spec
-from ..quantizer_factory import input_spec, layer_bits, non_negative, quantizable_order, weight_spec
+from ..quantizer_factory import input_spec, layer_bits, model_device, non_negative, quantizable_order, weight_spec
 
 
 class _Inserter:
@@ -32,12 +32,15 @@ class _Inserter:
         self.input_quantizers: dict[tuple[fx.Node, int], fx.Node] = {}
         # By Parameter identity: a weight tied between layers gets one quantizer.
         self.weight_quantizers: dict[int, str] = {}
+        # Quantizers are made where they will run: moving each one later is a small copy
+        # per quantizer (on a GPU, a host-to-device transfer each).
+        self.device = model_device(gm)
 
     def input_quantizer(self, source: fx.Node, bits: int, before: fx.Node) -> fx.Node:
         key = (source, bits)
         if key not in self.input_quantizers:
             target = f"input_quantizers.{source.name}" + ("" if bits == self.config.a_bits else f"_a{bits}")
-            self.gm.add_submodule(target, input_spec(self.config, bits, non_negative(self.gm, source)).build())
+            self.gm.add_submodule(target, input_spec(self.config, bits, non_negative(self.gm, source)).build(self.device))
             with self.gm.graph.inserting_before(before):
                 self.input_quantizers[key] = self.gm.graph.call_module(target, (source,))
         return self.input_quantizers[key]
@@ -46,7 +49,7 @@ class _Inserter:
         weight = self.gm.get_parameter(spec.weight)
         if id(weight) not in self.weight_quantizers:
             target = f"{spec.weight}_fake_quant"
-            self.gm.add_submodule(target, weight_spec(self.config, kind(spec.kind), weight, bits).build())
+            self.gm.add_submodule(target, weight_spec(self.config, kind(spec.kind), weight, bits).build(weight.device))
             self.weight_quantizers[id(weight)] = target
         target = self.weight_quantizers[id(weight)]
         with self.gm.graph.inserting_before(before):

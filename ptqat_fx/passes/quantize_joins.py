@@ -19,7 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..config import QuantConfig
 from ..meta import set_join_quantizer, tensor_meta
-from ..quantizer_factory import input_spec
+from ..quantizer_factory import input_spec, model_device
 _ADDS = {operator.add, operator.iadd, torch.add}
 _CATS = {torch.cat, torch.concat}
 
@@ -46,13 +46,14 @@ def quantize_joins(gm: fx.GraphModule, config: QuantConfig, example_inputs: tupl
     Records the quantizer's path in ``node.meta["ptqat_join_quantizer"]``.
     """
     ShapeProp(gm).propagate(*example_inputs)
+    device = model_device(gm)
     for node in list(gm.graph.nodes):
         inputs = _join_inputs(node)
         if len(inputs) < 2 or not all(_is_activation(value) for value in inputs):
             continue
         target = f"join_quantizers.{node.name}"
         # Signed whatever the inputs: a join adds or stacks branches of either sign.
-        gm.add_submodule(target, input_spec(config, config.a_bits).build())
+        gm.add_submodule(target, input_spec(config, config.a_bits).build(device))
         with gm.graph.inserting_before(node):
             quantized = {value: gm.graph.call_module(target, (value,)) for value in dict.fromkeys(inputs)}
         node.args = fx.node.map_arg(node.args, lambda value: quantized.get(value, value))

@@ -131,12 +131,15 @@ class _Layers:
     def quantize(self, path: str, module: nn.Module) -> None:
         kind = kind_of_module(module)
         w_spec, a_spec = self.quantizer_specs(path, kind, module.weight)
-        weight_quantizer = getattr(module, "weight_fake_quant", None) or self.weight_quantizers.setdefault(
-            id(module.weight), w_spec.build()
-        )
+        device = module.weight.device
+        weight_quantizer = getattr(module, "weight_fake_quant", None)
+        if weight_quantizer is None:
+            if id(module.weight) not in self.weight_quantizers:
+                self.weight_quantizers[id(module.weight)] = w_spec.build(device)
+            weight_quantizer = self.weight_quantizers[id(module.weight)]
         spec = self.spec(path, kind, module.weight, module.bias, f"{path}.input_quantizer")
         quantized_class = kind.quantized_module if quantizable_as_module(module) else quantized_subclass(type(module))
-        quantize_layer_module(module, quantized_class, spec, weight_quantizer, a_spec.build())
+        quantize_layer_module(module, quantized_class, spec, weight_quantizer, a_spec.build(device))
 
 
 def _layer_weight(gm: fx.GraphModule, value: object) -> tuple[str, LayerKind] | None:
@@ -163,8 +166,8 @@ def _quantize_wrapped_call(gm: fx.GraphModule, node: fx.Node, config: QuantConfi
         target = f"{path}.weight_fake_quant"
         w_spec, a_spec = layers.quantizer_specs(path, kind, weight)
         if not isinstance(getattr(owner, "weight_fake_quant", None), FakeQuantizer):
-            gm.add_submodule(target, w_spec.build())
-        quantizers[key] = a_spec.build()
+            gm.add_submodule(target, w_spec.build(weight.device))
+        quantizers[key] = a_spec.build(weight.device)
         specs.append(layers.spec(path, kind, weight, getattr(owner, "bias", None), f"{region}.input_quantizers.{key}"))
         with gm.graph.inserting_before(node):
             return gm.graph.call_module(target, (value,))

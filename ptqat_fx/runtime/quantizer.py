@@ -22,6 +22,7 @@ chooses itself.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 
 import torch
@@ -33,7 +34,7 @@ from .observer import RangeObserver
 
 # Re-exported: the arithmetic is the quantizer's, wherever it is written.
 __all__ = [
-    "FROZEN_WEIGHT", "FakeQuantizer", "QuantizerMode", "broadcast_scale", "fake_quantize_backward",
+    "FROZEN_WEIGHT", "FakeQuantizer", "QuantizerMode", "broadcast_scale", "fake_quantize_backward", "finish_calibrations",
     "fake_quantize_forward", "is_quantizer_node", "lsq_fake_quantize", "lsq_fake_quantize_ops", "lsq_grad_scale",
     "quant_range", "quantizers", "step_sizes",
 ]
@@ -141,6 +142,7 @@ class FakeQuantizer(nn.Module):
         channels: number of steps when ``channel_axis`` is set.
         observer: how calibration sets the initial step (see ``RangeObserver``).
         percentile: for the percentile observer.
+        device: where the step size lives (the layer's device, so calibration moves nothing).
     """
 
     def __init__(
@@ -151,13 +153,14 @@ class FakeQuantizer(nn.Module):
         channels: int = 1,
         observer: str = "mse",
         percentile: float = 99.99,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.bits = bits
         self.signed = signed
         self.channel_axis = channel_axis
         self.qmin, self.qmax = quant_range(bits, signed)
-        self.scale = nn.Parameter(torch.ones(channels if channel_axis is not None else 1))
+        self.scale = nn.Parameter(torch.ones(channels if channel_axis is not None else 1, device=device))
         self.mode = QuantizerMode.OBSERVE
         self.observer = RangeObserver(observer, self.qmax, channel_axis, percentile)
         # Set by the freeze rewrite where the input is kept for backward by its producer.
@@ -186,12 +189,13 @@ class FakeQuantizer(nn.Module):
         self.observer = self._empty_observer()
         self.mode = QuantizerMode.OBSERVE
 
-    def finish_calibration(self) -> None:
-        """Set the step size from what the observer saw and start fake-quantizing. The
+    def finish_calibration(self, clip: torch.Tensor | None = None) -> None:
+        """Set the step size from what the observer saw and start fake-quantizing;
+        ``clip``: a per-channel clip already found for it (``finish_calibrations``). The
         observer's statistics are dropped: a weight observer holds a float copy of its whole
         weight, which would otherwise stay on the model's device through training."""
         with torch.no_grad():
-            self.scale.copy_(self.observer.scale().to(self.scale.device))
+            self.scale.copy_(self.observer.scale(clip).to(self.scale.device))
         self.observer = self._empty_observer()
         self.mode = QuantizerMode.QUANTIZE
 
@@ -203,6 +207,23 @@ class FakeQuantizer(nn.Module):
         granularity = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
         sign = "signed" if self.signed else "unsigned"
         return f"bits={self.bits}, {sign}, {granularity}, mode={self.mode}"
+
+
+def finish_calibrations(all_quantizers: Iterable[FakeQuantizer]) -> None:
+    """``finish_calibration`` of each quantizer, the per-channel clips of one observer rule
+    found together (``ClipRule.channel_clips``: the MSE search batches small weights); the
+    same steps as one by one. A quantizer listed twice is finished once."""
+    unique = list({id(q): q for q in all_quantizers}.values())
+    by_rule: dict[type, list[FakeQuantizer]] = {}
+    for quantizer in unique:
+        if quantizer.channel_axis is None:
+            quantizer.finish_calibration()
+        else:
+            by_rule.setdefault(type(quantizer.observer.rule), []).append(quantizer)
+    for members in by_rule.values():
+        clips = members[0].observer.rule.channel_clips([q.observer for q in members])
+        for quantizer, clip in zip(members, clips):
+            quantizer.finish_calibration(clip)
 
 
 def quantizers(gm: nn.Module) -> dict[str, FakeQuantizer]:

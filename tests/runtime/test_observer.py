@@ -1,8 +1,10 @@
 """RangeObserver step sizes against direct computations on the same data."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from ptqat_fx.runtime import observer as observer_module
 from ptqat_fx.runtime.observer import RangeObserver
 
 
@@ -105,3 +107,60 @@ def test_percentile_sweep_per_tensor_is_no_worse_than_any_fixed_percentile():
         fixed.append(error(float(observer.scale())))
     # Scored on the histogram, so equal to the best fixed percentile up to binning.
     assert error(float(sweep.scale())) <= min(fixed) * 1.01
+
+
+class _HostReads:
+    """Counts the ways a tensor's value reaches Python (on a GPU each waits for the stream)."""
+
+    NAMES = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original):
+                self.count += 1
+                return _original(tensor, *args)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize(("method", "reads_per_batch"), [("mse", 1), ("percentile", 1), ("minmax", 0), ("lsq", 0)])
+def test_per_tensor_observers_read_back_only_the_histogram_range(monkeypatch, method, reads_per_batch):
+    batches = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(3)]
+    reference = RangeObserver(method, 127)
+    for x in batches:
+        reference.update(x)
+    expected = reference.scale()
+    reads = _HostReads(monkeypatch)
+    observer = RangeObserver(method, 127)
+    for x in batches:
+        observer.update(x)
+    assert reads.count == reads_per_batch * len(batches)
+    if method != "percentile":  # its percentile search reads the histogram back once
+        scale = observer.scale()
+        assert reads.count == reads_per_batch * len(batches)
+        monkeypatch.undo()
+        assert torch.equal(scale, expected)
+
+
+def test_mse_clips_found_together_equal_each_observer_alone(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16, 8, 3, 3), (32, 8, 3, 3), (8, 72), (24, 8, 3, 3), (5, 10), (3, 72)]
+    weights = [torch.randn(shape, generator=generator) for shape in shapes]
+    weights[1][3] = 0.0        # a zero-range channel
+    weights[4] = torch.zeros(5, 10)  # an all-zero weight
+    weights[2][0, 0] = 30.0    # an outlier
+    observers = []
+    for index, weight in enumerate(weights):
+        observer = RangeObserver("mse", 7 if index != 5 else 127, channel_axis=0)
+        observer.update(weight)
+        observers.append(observer)
+    alone = [observer.scale() for observer in observers]
+    # Small enough a bound that the 72-wide group is split into runs, and the largest weight
+    # (32 x 72) is searched alone.
+    monkeypatch.setattr(observer_module, "MSE_BATCH_ELEMENTS", 24 * 72)
+    clips = observers[0].rule.channel_clips(observers)
+    for observer, clip, expected in zip(observers, clips, alone):
+        assert torch.equal(observer.scale(clip), expected)
