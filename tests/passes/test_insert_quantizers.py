@@ -119,3 +119,11 @@ def test_geometry_matmuls_stay_in_float():
 
     specs = layer_specs(_prepared(Projection()))
     assert [s.kind for s in specs] == ["linear", "matmul"]
+
+
+def test_quantizers_are_made_on_the_models_device():
+    # The meta device stands in for a GPU: a quantizer made elsewhere would show up on the CPU.
+    gm = trace(vit_small.build(depth=1)).to("meta")
+    gm = insert_quantizers(annotate(gm))
+    devices = {q.scale.device.type for q in quantizers(gm).values()}
+    assert devices == {"meta"} and len(quantizers(gm)) > 2
