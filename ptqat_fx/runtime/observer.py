@@ -182,6 +182,38 @@ class PercentileSweep(ClipRule):
         return observer.best_tensor_clip(clips)
 
 
+class DeferredHistograms:
+    """Per-tensor observers' batches, binned together later: one host read-back of all their
+    maxima (``flush``) instead of one per observer and batch. On a GPU each read-back waits
+    for the stream, so a forward that observes stalls at every quantizer, and the host cannot
+    queue work ahead of the device. Each observer bins its batches in the order they came,
+    so the histograms are the same. Holds the magnitudes until then, up to ``max_bytes``,
+    beyond which it flushes at once."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.pending: list[tuple[RangeObserver, torch.Tensor, torch.Tensor]] = []
+        self.bytes = 0
+
+    def add(self, observer: RangeObserver, magnitude: torch.Tensor, batch_max: torch.Tensor) -> None:
+        self.pending.append((observer, magnitude, batch_max))
+        self.bytes += magnitude.nbytes
+        if self.bytes > self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Bin everything pending (one read-back per device)."""
+        pending, self.pending, self.bytes = self.pending, [], 0
+        by_device: dict[torch.device, list[int]] = {}
+        for index, (_, _, batch_max) in enumerate(pending):
+            by_device.setdefault(batch_max.device, []).append(index)
+        tops: dict[int, float] = {}
+        for indices in by_device.values():
+            tops.update(zip(indices, torch.stack([pending[i][2] for i in indices]).tolist()))
+        for index, (observer, magnitude, batch_max) in enumerate(pending):
+            observer.bin(magnitude, batch_max, tops[index])
+
+
 class RangeObserver:
     """Collects |x| statistics and proposes a step size.
 
@@ -211,6 +243,8 @@ class RangeObserver:
         # The per-channel tensor last read and its version counter: a weight is fed once per
         # calibration batch, and re-reading it unchanged would redo the same work.
         self._source: tuple[torch.Tensor, int] | None = None
+        # Where a histogram's batches wait to be binned together with other observers'.
+        self.deferred: DeferredHistograms | None = None
 
     def update(self, x: torch.Tensor) -> None:
         """Add one tensor's statistics."""
@@ -234,11 +268,18 @@ class RangeObserver:
         if not self.rule.uses_histogram:
             self.abs_max = batch_max if self.abs_max is None else torch.maximum(self.abs_max, batch_max)
             return
+        if self.deferred is not None:
+            self.deferred.add(self, magnitude, batch_max)
+            return
         # The one read-back per batch (histc takes its range as a number).
-        batch_top = float(batch_max)
+        self.bin(magnitude, batch_max, float(batch_max))
+
+    def bin(self, magnitude: torch.Tensor, batch_max: torch.Tensor, batch_top: float) -> None:
+        """Add the magnitudes of one tensor to the histogram, ``batch_max`` their maximum
+        (``batch_top`` the same on the host); in the order the tensors came."""
         if self.abs_max is None:
             self.abs_max, self.host_max = batch_max, batch_top
-            self.histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64, device=x.device)
+            self.histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64, device=magnitude.device)
         elif batch_top > self.host_max:
             self._widen(batch_top)
             self.abs_max, self.host_max = batch_max, batch_top

@@ -48,3 +48,28 @@ def test_errors_name_the_problem():
         calibrate(gm, [], arity=1, progress=False)
     with pytest.raises(CalibrationError, match="batch 1"):
         calibrate(gm, [torch.zeros(1, 3), torch.full((1, 3), float("nan"))], arity=1, progress=False)
+
+
+def test_histograms_binned_after_each_forward_give_the_same_steps(monkeypatch):
+    # What calibrate does on a GPU (runtime.observer.DeferredHistograms), run on the CPU.
+    from examples import resnet_small
+    from ptqat_fx.passes import calibrate as calibrate_module
+    from ptqat_fx.runtime.observer import DeferredHistograms
+
+    config = QuantConfig()  # MSE observers: histograms
+    batches = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(3)]
+
+    def calibrated():
+        torch.manual_seed(0)
+        gm = insert_quantizers(annotate(trace(resnet_small.build()), config), config)
+        return calibrate(gm, batches, arity=1, progress=False)
+
+    immediate = calibrated()
+    made = []
+    monkeypatch.setattr(calibrate_module, "_deferred_histograms", lambda device: made.append(DeferredHistograms(1 << 30)) or made[-1])
+    deferred = calibrated()
+    assert len(made) == 1 and not made[0].pending
+    steps = {name: q.scale for name, q in quantizers(deferred).items()}
+    assert all(q.observer.deferred is None for q in quantizers(deferred).values())
+    for name, quantizer in quantizers(immediate).items():
+        assert torch.equal(steps[name], quantizer.scale), name

@@ -164,3 +164,35 @@ def test_mse_clips_found_together_equal_each_observer_alone(monkeypatch):
     clips = observers[0].rule.channel_clips(observers)
     for observer, clip, expected in zip(observers, clips, alone):
         assert torch.equal(observer.scale(clip), expected)
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 30, 6000])
+def test_deferred_histograms_equal_immediate_ones_with_one_read_back_per_flush(monkeypatch, max_bytes):
+    generator = torch.Generator().manual_seed(0)
+    # Ranges that grow and shrink between batches (the histogram widens), an all-zero batch
+    # first, and the first observer fed twice per batch (a shared quantizer).
+    batches = [[torch.zeros(500) if b == 0 and o == 1 else torch.randn(500, generator=generator) * (1 + (b * o) % 3)
+                for o in range(4)] for b in range(3)]
+    methods = ["mse", "mse", "percentile", "percentile_sweep"]
+    immediate = [RangeObserver(method, 7) for method in methods]
+    for batch in batches:
+        for observer, x in zip([immediate[0], *immediate], [batch[3], *batch]):
+            observer.update(x)
+    reads = _HostReads(monkeypatch)
+    deferred = observer_module.DeferredHistograms(max_bytes)
+    observers = [RangeObserver(method, 7) for method in methods]
+    for observer in observers:
+        observer.deferred = deferred
+    flushes = 0
+    for batch in batches:
+        for observer, x in zip([observers[0], *observers], [batch[3], *batch]):
+            before = len(deferred.pending)
+            observer.update(x)
+            flushes += len(deferred.pending) < before + 1  # it flushed on its own: over max_bytes
+        deferred.flush()
+        flushes += 1
+    assert reads.count == flushes and (flushes > len(batches)) == (max_bytes < 1 << 30)
+    monkeypatch.undo()
+    for mine, theirs in zip(observers, immediate):
+        assert torch.equal(mine.histogram, theirs.histogram) and mine.host_max == theirs.host_max
+        assert torch.equal(mine.scale(), theirs.scale())
