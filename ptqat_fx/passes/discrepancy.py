@@ -241,10 +241,18 @@ class DiscrepancyInterpreter(fx.Interpreter):
 
     def means(self) -> dict[str, dict[str, float]]:
         """Layer name -> ``"<mode>.<metric>"`` -> mean over all samples seen."""
-        return {
-            name: {key: float(total) / self.samples[name] for key, total in sums.items()}
-            for name, sums in self.sums.items()
-        }
+        entries = [(name, key, total) for name, sums in self.sums.items() for key, total in sums.items()]
+        # One read-back per device for all the sums, not one per layer and metric.
+        by_device: dict[torch.device, list[int]] = {}
+        for index, (_, _, total) in enumerate(entries):
+            by_device.setdefault(total.device, []).append(index)
+        values: dict[int, float] = {}
+        for indices in by_device.values():
+            values.update(zip(indices, torch.stack([entries[i][2].reshape(()) for i in indices]).tolist()))
+        means: dict[str, dict[str, float]] = {name: {} for name in self.sums}
+        for index, (name, key, _) in enumerate(entries):
+            means[name][key] = values[index] / self.samples[name]
+        return means
 
 
 class _Reshaped(Exception):
