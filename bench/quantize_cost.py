@@ -139,13 +139,15 @@ def mse_search_ratio(model: nn.Module, device: torch.device, max_elements: int, 
 
 
 def measure(name: str, build: Callable[[], nn.Module], shape: tuple[int, ...], n_batches: int, device: torch.device,
-            observer: str, mse_elements: int) -> dict:
+            observer: str, mse_elements: int, warm: bool = False) -> dict:
     torch.manual_seed(0)
     model = build().to(device).eval()
     generator = torch.Generator(device=device).manual_seed(1)
     batches = [torch.randn(shape, generator=generator, device=device) for _ in range(n_batches)]
     forwards = float_forwards(model, batches, device)
     config = ptqat_fx.QuantConfig(w_bits=4, a_bits=8, w_observer=observer, a_observer=observer)
+    if warm:  # once untimed: what a process pays only on its first call (kernel loading, JIT) is left out
+        ptqat_fx.quantize(model, (batches[0],), batches, config, ptqat_fx.Select("small", fraction=0.5), progress=False)
     with stage_timers(device) as times:
         _sync(device)
         start = time.perf_counter()
@@ -156,7 +158,7 @@ def measure(name: str, build: Callable[[], nn.Module], shape: tuple[int, ...], n
            "stages_s": dict(times), "stages_x_forwards": {k: v / forwards for k, v in times.items()},
            "trace_plus_insert_s": times["trace"] + times["insert"],
            "check_trace_insert_s": times["check"] + times["trace"] + times["insert"],
-           "batch": shape[0], "calib_batches": n_batches}
+           "batch": shape[0], "calib_batches": n_batches, "warm": warm}
     if observer == "mse" and mse_elements:
         row["mse_search"] = mse_search_ratio(model, device, mse_elements)
     return row
@@ -173,6 +175,9 @@ def main() -> None:
     parser.add_argument("--observers", nargs="*", default=["mse", "minmax"])
     parser.add_argument("--mse-elements", type=int, default=None,
                         help="weight elements for the MSE search comparison (default: 3M CPU, 30M GPU)")
+    parser.add_argument("--warm", action="store_true",
+                        help="run each quantize() once untimed first (without: the first model pays one-time costs, "
+                             "on CUDA the loading of kernels and the Triton compilation of the first fake-quant kernel)")
     parser.add_argument("--out", default="bench/quantize_cost.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -191,7 +196,7 @@ def main() -> None:
         build, shape, n_batches = models[name]
         for observer in args.observers:
             try:
-                row = measure(name, build, shape, n_batches, device, observer, mse_elements)
+                row = measure(name, build, shape, n_batches, device, observer, mse_elements, args.warm)
             except Exception as error:  # a failing model is a result too
                 row = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
             results["models"].setdefault(name, {})[observer] = row
