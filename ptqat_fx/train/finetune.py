@@ -41,6 +41,11 @@ from ..errors import NonFiniteError
 # Learned LSQ step sizes are clamped to at least this after every optimizer step: a large
 # learning rate must not make a step zero or negative (which would flip or collapse the grid).
 MIN_STEP_SIZE = 1e-8
+# ... and to within this factor of their value before the step. Adam moves every parameter by
+# about lr whatever its size, so a step size below lr (a softmax's 5e-4, an activation of 1e-5)
+# would be sent to the floor or grown 100x by one step, rounding its whole tensor to zero; a
+# step size of ordinary size moves by a small fraction of itself and is not affected.
+MAX_STEP_SIZE_FACTOR = 2.0
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 
 
@@ -171,14 +176,18 @@ def _nonfinite(value: torch.Tensor, params: list[nn.Parameter], names: dict[int,
 
 def _checked_step(opt: torch.optim.Optimizer, scaler: Any, params: list[nn.Parameter], scales: list[nn.Parameter],
                   names: dict[int, str]) -> str | None:
-    """``opt.step()``, then step sizes clamped to ``MIN_STEP_SIZE``; a step that makes a parameter
-    non-finite (a finite but huge update) is undone, and what went wrong is returned."""
+    """``opt.step()``, then step sizes clamped to within ``MAX_STEP_SIZE_FACTOR`` of their value
+    before it and to at least ``MIN_STEP_SIZE``; a step that makes a parameter non-finite (a
+    finite but huge update) is undone, and what went wrong is returned."""
     with torch.no_grad():
         before = torch._foreach_mul([p.detach() for p in params], 1.0)
+        scales_before = torch._foreach_mul([s.detach() for s in scales], 1.0) if scales else []
     scaler.step(opt)
     scaler.update()
     with torch.no_grad():
         if scales:
+            torch._foreach_maximum_(scales, torch._foreach_div(scales_before, MAX_STEP_SIZE_FACTOR))
+            torch._foreach_minimum_(scales, torch._foreach_mul(scales_before, MAX_STEP_SIZE_FACTOR))
             torch._foreach_clamp_min_(scales, MIN_STEP_SIZE)
         if _all_finite(params):
             return None
@@ -298,8 +307,10 @@ def finetune(
         resume: continue the run whose checkpoint is at this path, with the same ``qmodel``,
             data and arguments; the result is the one the uninterrupted run reaches.
 
-    LSQ step sizes are clamped to at least ``MIN_STEP_SIZE`` after every optimizer step, so a
-    large learning rate cannot make them zero or negative.
+    LSQ step sizes are clamped after every optimizer step to within a factor
+    ``MAX_STEP_SIZE_FACTOR`` (2) of their previous value and to at least ``MIN_STEP_SIZE``, so a
+    learning rate large against a step size (Adam moves each by about ``lr``) cannot make it
+    zero or negative or collapse its grid in one step.
 
     Raises:
         InputError: a model ``quantize`` did not make, nothing trainable, a batch of the wrong

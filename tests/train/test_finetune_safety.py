@@ -72,12 +72,39 @@ def test_skip_policy_skips_and_counts_nonfinite_steps():
 def test_huge_learning_rate_keeps_step_sizes_positive():
     teacher, qmodel = _classifier()
     x = [torch.randn(8, 8, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    before = {name: q.scale.detach().clone() for name, q in quantizers(qmodel).items()}
+    ptqat_fx.finetune(qmodel, x, teacher=teacher, lr=1e6, steps=1, progress=False)
+    factor = finetune_module.MAX_STEP_SIZE_FACTOR
+    # One step of lr=1e6 pushes every step size far past both bounds: the clamp holds each at one.
+    for name, q in quantizers(qmodel).items():
+        at_bound = torch.isclose(q.scale, before[name] / factor) | torch.isclose(q.scale, before[name] * factor)
+        assert at_bound.all(), name
     ptqat_fx.finetune(qmodel, x, teacher=teacher, lr=1e6, steps=8, on_nonfinite="skip", progress=False)
     steps = [q.scale for q in quantizers(qmodel).values()]
-    assert steps and all((s > 0).all() for s in steps)
-    floor = torch.tensor(finetune_module.MIN_STEP_SIZE)
-    # The clamp is what held them: some step sizes were pushed down to the floor.
-    assert min(s.min() for s in steps) == floor
+    assert steps and all((s >= finetune_module.MIN_STEP_SIZE).all() for s in steps)
+
+
+def test_step_sizes_far_below_the_learning_rate_do_not_collapse_the_output():
+    # Activations of ~1e-5 (random-init networks whose eval BatchNorms shrink every block), so
+    # step sizes of ~1e-7, far below lr, which Adam moves every parameter by: unbounded, one step
+    # sends them to the floor or grows them ~1e4x, and every activation rounds to 0.
+    torch.manual_seed(0)
+    # No biases, which Adam would also move by lr: here only the activations are small.
+    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False)).eval()
+    x = 1e-5 * torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    qmodel = ptqat_fx.quantize(model, (x,), [x], CONFIG, ptqat_fx.Select("all"), progress=False)
+    data = [1e-5 * torch.randn(8, 8, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    before = {name: q.scale.detach().clone() for name, q in quantizers(qmodel).items()}
+    activation_steps = [s for name, s in before.items() if "weight" not in name]
+    assert activation_steps and max(s.max() for s in activation_steps) < 1e-5  # far below lr
+    ptqat_fx.finetune(qmodel, data, teacher=model, lr=1e-3, steps=2, progress=False)
+    factor = finetune_module.MAX_STEP_SIZE_FACTOR ** 2
+    for name, q in quantizers(qmodel).items():
+        assert ((q.scale >= before[name] / factor) & (q.scale <= before[name] * factor)).all(), name
+    with torch.no_grad():
+        out, ref = qmodel.eval()(x), model(x)
+    # Still close to the float model (activations rounded to zero give an error of ~1).
+    assert ((out - ref).norm() / (ref - ref.mean(0)).norm()).item() < 0.3
 
 
 def test_cross_entropy_criterion_on_an_xy_dataloader():
