@@ -137,7 +137,7 @@ def _dataclass_from(cls: type, fields: dict[str, Any], argument: str) -> Any:
     return cls(**fields)
 
 
-_KINDS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear", "matmul"}
+_KINDS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear", "linear_transposed", "matmul"}
 
 
 def warn_about_result(model: nn.Module, gm: fx.GraphModule, config: QuantConfig, select: Select | None) -> None:

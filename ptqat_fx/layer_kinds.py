@@ -21,6 +21,7 @@ from torch import nn
 
 from .runtime import quantized_modules as qm
 from .runtime.frozen_conv import frozen_conv
+from .runtime.linear_transposed import linear_transposed
 from .runtime.fused_layers import quantized_conv, quantized_linear, quantized_matmul
 
 ModuleArguments = Callable[[nn.Module], tuple]
@@ -135,8 +136,11 @@ def kind_of_graph_function(function: object) -> LayerKind | None:
 
 
 def graph_functions() -> tuple[Callable[..., Any], ...]:
-    """ptqat-fx's own functions that passes put into graphs (frozen and fused forms)."""
+    """ptqat-fx's own functions that passes put into graphs (frozen and fused forms, and the
+    functional forms that capture writes, such as ``linear_transposed``)."""
     found = {f: None for k in _KINDS.values() for f in (k.frozen, k.fused) if f is not None}
+    found.update({f: None for k in _KINDS.values() for f in k.functions
+                  if (getattr(f, "__module__", None) or "").startswith("ptqat_fx.")})
     return tuple(found)
 
 
@@ -185,6 +189,10 @@ for _spatial, _conv, _module, _quantized, _overload in (
         f"conv_transpose{_spatial}d", _module, (_conv,), aten=_aten(f"conv_transpose{_spatial}d.{_overload}"),
         weight_axis=1, module_arguments=_transposed_arguments, quantized_module=_quantized,
     ))
+# transformers' Conv1D (GPT-2), captured as ``linear_transposed`` (capture/layer_calls.py):
+# weight [in, out], output channels on axis 1. No fused or integer form: it trains and deploys
+# as its function on a fake-quantized weight.
+register(LayerKind("linear_transposed", None, (linear_transposed,), weight_axis=1))
 register(LayerKind(
     "matmul", None, (torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.linalg.matmul),
     methods=("matmul", "bmm", "mm"),

@@ -14,6 +14,7 @@ from ptqat_fx.layer_kinds import (
 )
 from ptqat_fx.layer_spec import layer_specs
 from ptqat_fx.runtime.frozen_conv import frozen_conv
+from ptqat_fx.runtime.linear_transposed import linear_transposed
 from ptqat_fx.runtime.fused_layers import quantized_conv, quantized_linear, quantized_matmul
 
 
@@ -30,10 +31,11 @@ class PlainSubclass(nn.Linear):
 
 def test_registry_holds_the_kinds_written_out():
     assert [k.name for k in kinds()] == [
-        "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "matmul",
+        "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+        "linear_transposed", "matmul",
     ]
-    assert [k.weight_axis for k in kinds()] == [0, 0, 0, 0, 1, 1, 1, None]
-    assert set(graph_functions()) == {frozen_conv, quantized_conv, quantized_linear, quantized_matmul}
+    assert [k.weight_axis for k in kinds()] == [0, 0, 0, 0, 1, 1, 1, 1, None]
+    assert set(graph_functions()) == {frozen_conv, quantized_conv, quantized_linear, quantized_matmul, linear_transposed}
 
 
 def test_lookups_match_subclasses_and_every_form():

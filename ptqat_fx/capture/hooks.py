@@ -31,6 +31,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from .values import MISSING
+
 _LOCK = threading.RLock()
 _STATE = threading.local()
 _FUNCTION = torch.autograd.function.Function
@@ -48,12 +50,37 @@ def _proxy_in(args: tuple, kwargs: dict) -> fx.Proxy | None:
 
 def record_call(target: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """One ``call_function`` node calling ``target`` if this thread traces and an argument is a
-    Proxy of its tracer; otherwise ``target(*args, **kwargs)``."""
+    Proxy of its tracer; otherwise ``target(*args, **kwargs)``.
+
+    A call that returns None on the example values is None, not a node: a Proxy is never None,
+    so model code testing the result with ``is None`` would take the other branch than eager
+    does (transformers' ``create_causal_mask`` returns None where SDPA's ``is_causal`` masks,
+    and the attention then passes ``is_causal=attention_mask is None``: a traced node made
+    GPT-2's attention non-causal)."""
     tracer = active_tracer()
     proxy = _proxy_in(args, kwargs) if tracer is not None and not getattr(tracer, "eager", False) else None
     if proxy is None or proxy.tracer is not tracer:
         return target(*args, **kwargs)
-    return tracer.create_proxy("call_function", target, args, kwargs)
+    result = tracer.create_proxy("call_function", target, args, kwargs)
+    if getattr(tracer, "tracks_values", False) and tracer.value_of(result.node) is None:
+        _erase_unused(tracer, result.node)
+        return None
+    return result
+
+
+def _erase_unused(tracer: fx.Tracer, node: fx.Node) -> None:
+    """Erase ``node`` and, recursively, the inputs only it read that are attribute reads or
+    calls known to make no tensor (the ``GPT2Config`` built for a call that is gone); a tensor
+    op, or one of unknown value, may act in place, so it stays."""
+    inputs = node.all_input_nodes
+    tracer.values.pop(node, None)
+    tracer.graph.erase_node(node)
+    for source in inputs:
+        value = tracer.value_of(source)
+        made_no_tensor = source.op in ("call_function", "call_method") and value is not MISSING \
+            and not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+        if not source.users and (source.op == "get_attr" or made_no_tensor):
+            _erase_unused(tracer, source)
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,7 +36,7 @@ from .diagnostics import NoGradInForward, TensorValueBranch, describe_trace_fail
 from .hooks import tracing
 from .inputs import ExampleCall, keep_defaults
 from . import specialization
-from .layer_calls import positional_layer_arguments
+from .layer_calls import addmm_as_linear_transposed, positional_layer_arguments
 from .values import MISSING, ValueProxy
 
 
@@ -229,6 +229,7 @@ def trace_once(
         tracer.values.clear()  # the example activations: freed as soon as the attempt ends
     keep_defaults(graph, model)
     positional_layer_arguments(graph)
+    addmm_as_linear_transposed(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     # FX's tracing closures make the tracer part of a reference cycle: without this it would
     # keep the traced model (weights that later passes replace) until a full collection.

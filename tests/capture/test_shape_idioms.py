@@ -14,6 +14,8 @@ from torch import nn
 from ptqat_fx.capture import AUTO_LEAVES_KEY, RECORDED_CALLS_KEY, specialization, trace
 from ptqat_fx.errors import InputError, TraceError
 
+from tests.capture.mask_library import causal_mask
+
 G = torch.Generator().manual_seed(0)
 
 
@@ -116,6 +118,27 @@ def test_einops_calls_become_call_nodes_without_naming_them():
     # the recorded functions are restored once tracing ends
     assert einops.rearrange.__module__ == "einops.einops" and not hasattr(einops.rearrange, "__ptqat_recorded__")
     assert not hasattr(rearrange, "__ptqat_recorded__")
+
+
+class MaskedAttention(nn.Module):
+    """transformers' attention: the mask function returns None without padding, and the
+    attention is causal exactly when the mask is None."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        mask = causal_mask(q)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def test_a_library_call_returning_none_is_none_in_the_graph():
+    x = torch.randn(2, 5, 8, generator=G)
+    gm = _captured(MaskedAttention(), x)  # as a node (never None), the attention was not causal
+    assert "tests.capture.mask_library.causal_mask" in gm.meta[RECORDED_CALLS_KEY]
+    assert not [n for n in gm.graph.nodes if n.target is causal_mask]
 
 
 class ValueBranch(nn.Module):

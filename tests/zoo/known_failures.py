@@ -24,8 +24,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
                                         "boxes/scores), so the W8A8 and convert errors read NaN (not measurable)")
        for line in ("w8a8", "convert")},
     ("tv/fcos_resnet50_fpn", "onnx"): "torch.onnx ConversionError in step 3/3 (exported program -> ONNX)",
-    ("hf/gpt2_lm(tied)", "onnx"): ("torch.export refuses the output's DynamicCache (use_cache=True; no pytree "
-                                   "registered for it)"),
     ("mobilenet_v3_small", "w8a8"): RANDOM_INIT_W8A8,
     ("smp/Unet(mobilenet_v2)", "w8a8"): RANDOM_INIT_W8A8,
     ("timm/efficientnet_b0", "w8a8"): RANDOM_INIT_W8A8,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -144,12 +145,23 @@ class _CountMatmuls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def layer_types() -> tuple[type[nn.Module], ...]:
+    """``LAYER_TYPES``, and transformers' ``Conv1D`` (GPT-2's linear layers, weight ``[in, out]``)
+    where transformers is imported (a model holding one has imported it)."""
+    if "transformers" not in sys.modules:
+        return LAYER_TYPES
+    from transformers.pytorch_utils import Conv1D
+
+    return (*LAYER_TYPES, Conv1D)
+
+
 def called_layers(model: nn.Module, inputs: tuple) -> tuple[list[str], int]:
-    """Paths of the Conv/ConvTranspose/Linear modules (by isinstance) that run on ``inputs``,
-    and the number of activation matmuls, from the eager model."""
+    """Paths of the Conv/ConvTranspose/Linear/Conv1D modules (by isinstance) that run on
+    ``inputs``, and the number of activation matmuls, from the eager model."""
     ran: list[str] = []
+    types = layer_types()
     handles = [module.register_forward_hook(lambda *_, path=path: ran.append(path))
-               for path, module in model.named_modules() if isinstance(module, LAYER_TYPES)]
+               for path, module in model.named_modules() if isinstance(module, types)]
     counter = _CountMatmuls()
     try:
         with torch.no_grad(), counter:

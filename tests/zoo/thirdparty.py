@@ -115,8 +115,11 @@ def transformers_zoo() -> Zoo:
     return {
         "hf/bert": (_hf("BertModel", "BertConfig", vocab_size=100, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=32), _tokens),
+        # use_cache=False: the model scores a whole sequence in one call (no KV cache in its
+        # output, which torch.export refuses: DynamicCache has no pytree registration).
         "hf/gpt2_lm(tied)": (_hf("GPT2LMHeadModel", "GPT2Config", vocab_size=100, n_embd=32, n_layer=2,
-                                 n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0), _tokens),
+                                 n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0, use_cache=False),
+                             _tokens),
         "hf/vit": (_hf("ViTForImageClassification", "ViTConfig", num_labels=10, **_VIT), IMG32),
         "hf/deit": (_hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=10, **_VIT), IMG32),
         "hf/swin": (_hf("SwinForImageClassification", "SwinConfig", image_size=32, patch_size=2, embed_dim=16,
