@@ -101,7 +101,8 @@ through `quantize` (W8A8 min-max, and W4A8 with PTQAT's selection), `finetune` (
 - *capture*: `whole` (one graph), `nested(N)` (graphs under eagerly run forwards),
   `auto-leaf(N)` (modules run eagerly), `auto-leaf(root)` (the top-level forward did not trace).
 - *called conv/linear quantized*: modules that ran on the example input, found by forward hooks
-  on the eager model and `isinstance(m, (_ConvNd, Linear))` (subclasses count), against those
+  on the eager model and `isinstance(m, (_ConvNd, Linear))` (subclasses count; and transformers'
+  `Conv1D`), against those
   with a weight `FakeQuantizer` or a LayerSpec. Acceptance: >= 95%.
 - *matmuls*: quantized matmul layers / matmuls of two non-parameter tensors called in eager
   (`torch.matmul`, `@`, `bmm`, `baddbmm`, `einsum`; SDPA counts 2). ptqat-fx keeps matmuls with

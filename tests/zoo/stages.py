@@ -217,9 +217,13 @@ def _scale_free_loss(out: Any, batch: Any) -> torch.Tensor:
     """Mean square of every float output over its own (detached) mean square: gradients of
     order one whatever the output scale (random-init outputs can be ~1e-10, whose plain MSE
     gradient moves no float32 weight), and defined for detection outputs (variable boxes),
-    which no teacher output matches."""
-    return sum(t.float().pow(2).mean() / t.detach().float().pow(2).mean().clamp_min(1e-30)
-               for t in _float_leaves(out) if t.requires_grad)
+    which no teacher output matches. Empty tensors (no detections) are left out: their mean
+    is NaN; an output with nothing else has nothing to train on, which is an error."""
+    terms = [t.float().pow(2).mean() / t.detach().float().pow(2).mean().clamp_min(1e-30)
+             for t in _float_leaves(out) if t.requires_grad and t.numel() > 0]
+    if not terms:
+        raise ValueError("every float output that requires grad is empty: no loss to train on")
+    return sum(terms)
 
 
 def _parameter_name(gm: fx.GraphModule, path: str | None, names: dict[int, str]) -> str | None:
