@@ -12,7 +12,11 @@ _W8A8_RANDOM = {"timm/mobilenetv3_small_050": 0.071, "timm/mobilenetv4_conv_smal
                 "timm/efficientvit_m0": 0.054}
 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("timm/maxvit", "onnx"): f"{ONNX_DRIFT}: 0.039",
+    ("timm/maxvit", "onnx"): (f"{ONNX_DRIFT}: 0.039. Measured without finetune (0.024): the drift starts in "
+                              "stages.0.blocks.0.attn_grid between attn.proj and mlp.fc1 (residual add, norm2, "
+                              "fc1's input quantizer): skipping either layer gives 0.0000, skipping qkv or fc2 "
+                              "0.034, skipping other blocks moves it between 0 and 0.045, as rounding flips of "
+                              "one step do in a model whose W8A8 error is 0.07"),
     **{(name, "w8a8"): f"{RANDOM_INIT_W8A8}: {error}" for name, error in _W8A8_RANDOM.items()},
     ("timm/repvgg_a0", "finetune"): ("2 of 22 selected weights (stem.conv_1x1, stages.0.1.conv_1x1) do not change "
                                      "in 2 steps: the random-init float model's output hardly depends on its input "
