@@ -36,8 +36,8 @@ from ..errors import InputError
 from ..meta import SPECIALIZATION_KEY
 from ..layer_spec import layer_nodes, layer_specs
 from ..lowering import (
-    IntegerLayer, IntegerWeight, bias_argument, deployable_layers, integer_form, integer_layer, integer_weight,
-    pack_int4, require_lowerable, set_buffer,
+    IntegerLayer, IntegerWeight, bias_argument, deployable_layers, integer_form, integer_layer, integer_matmul,
+    integer_matmul_form, integer_weight, pack_int4, require_lowerable, set_buffer,
 )
 from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 from ..views.deploy_report import attach, deploy_report
@@ -191,9 +191,9 @@ def _integer_layer(gm: fx.GraphModule, table: list[Entry], layer: IntegerLayer) 
 def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[fx.GraphModule, list[Entry]]:
     """A copy of ``qmodel`` whose quantizers are ``torch.ops.ptqat_fx.qdq`` markers, and the
     table the markers' indices point into. With ``integer_layers``, conv/linear layers between
-    a quantized input and a quantized weight take the integer form of ``lowering.integer_layer``
-    (what ``convert(..., arithmetic="engine")`` computes): the same accumulator in every
-    runtime. Without, every layer keeps the standard DQ -> layer pattern (TensorRT fuses that
+    a quantized input and a quantized weight take the integer form of ``lowering.integer_layer``,
+    matmuls of two quantized activations that of ``lowering.integer_matmul`` (what
+    ``convert(..., arithmetic="engine")`` computes): the same accumulator in every runtime. Without, every layer keeps the standard DQ -> layer pattern (TensorRT fuses that
     pattern into its own integer kernels and would not recognise the integer form)."""
     require_lowerable(qmodel)
     gm = deployable_layers(copy.deepcopy(qmodel))
@@ -201,7 +201,16 @@ def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[f
     layers = [layer for node in layer_nodes(gm) if integer_layers and (layer := integer_layer(gm, node)) is not None]
     # A frozen weight is a get_attr the integer marker reads directly: unless something else
     # reads it too, it must not get a scaled marker of its own as well.
+    products = [
+        product for node in layer_nodes(gm) if integer_layers and (product := integer_matmul(gm, node)) is not None
+    ]
     taken = {_integer_layer(gm, table, layer) for layer in layers}
+    for product in products:
+        with gm.graph.inserting_before(product.node):
+            first, second = (
+                _marker(gm, table, source.args[0], Unscaled(_activation_entry(gm, source))) for source in product.sources
+            )
+        integer_matmul_form(gm, product, first, second)
     for node in list(gm.graph.nodes):
         if node in taken and all(user.target is torch.ops.ptqat_fx.qdq.default for user in node.users):
             continue

@@ -22,6 +22,7 @@ exporter, so both lowerings store the same integers.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -31,7 +32,8 @@ from ..checks import require_quantized_float32
 from ..errors import InputError
 from ..layer_spec import layer_nodes
 from ..lowering import (
-    IntegerLayer, IntegerWeight, deployable_layers, integer_form, integer_layer, integer_weight, pack_int4,
+    IntegerLayer, IntegerMatmul, IntegerWeight, deployable_layers, integer_form, integer_layer, integer_matmul,
+    integer_matmul_form, integer_weight, pack_int4,
     quantize_dequantize, quantize_integers, require_lowerable, set_buffer, unpack_int4,
 )
 from ..meta import layer_spec, set_converted
@@ -81,27 +83,32 @@ class _Lowering:
             self.stored.add(target)
         return f"{target}.scale"
 
-    def activation(self, node: fx.Node, quantizer: FakeQuantizer) -> fx.Node:
+    def _on_input(self, node: fx.Node, quantizer: FakeQuantizer, arithmetic: Callable[..., fx.Proxy]) -> fx.Node:
+        """``arithmetic(x, scale, qmin, qmax, integer dtype)`` of activation quantizer call
+        ``node``'s input and stored step, written into the graph before ``node``."""
         graph = self.graph
         scale_path = self._activation_scale(node.target, quantizer)
         integer = torch.int8 if quantizer.signed else torch.uint8
         with graph.inserting_before(node):
             tracer = GraphAppendingTracer(graph)
             x, scale = fx.Proxy(node.args[0], tracer), fx.Proxy(graph.get_attr(scale_path), tracer)
-            dequantized = quantize_dequantize(x, scale, quantizer.qmin, quantizer.qmax, integer).node
+            return arithmetic(x, scale, quantizer.qmin, quantizer.qmax, integer).node
+
+    def activation(self, node: fx.Node, quantizer: FakeQuantizer) -> fx.Node:
+        dequantized = self._on_input(node, quantizer, quantize_dequantize)
         set_converted(dequantized, {"activation": node.target, "bits": quantizer.bits, "signed": quantizer.signed})
         return dequantized
+
+    def _integers(self, source: fx.Node, quantizer: FakeQuantizer) -> fx.Node:
+        """``q_x`` of activation quantizer call ``source`` as float32, computed before it."""
+        return self._on_input(source, quantizer, lambda *args: quantize_integers(*args).to(torch.float32))
 
     def integer(self, layer: IntegerLayer, quantizer: FakeQuantizer) -> None:
         """Rewrite ``layer`` into integer accumulation with its int32 bias (``integer_form``)."""
         graph, node = self.graph, layer.node
-        scale_path = self._activation_scale(layer.source.target, quantizer)
-        integer = torch.int8 if quantizer.signed else torch.uint8
+        integers = self._integers(layer.source, quantizer)
         values = self._values(node, layer.weight)
         with graph.inserting_before(node):
-            tracer = GraphAppendingTracer(graph)
-            x, scale = fx.Proxy(layer.source.args[0], tracer), fx.Proxy(graph.get_attr(scale_path), tracer)
-            integers = quantize_integers(x, scale, quantizer.qmin, quantizer.qmax, integer).to(torch.float32).node
             weight = graph.call_method("to", (values, torch.float32))
             bias = None
             if layer.bias is not None:
@@ -120,6 +127,12 @@ class _Lowering:
         output = integer_form(self.gm, layer, integers, weight, bias)
         set_converted(output, {"integer_layer": layer_spec(node).name, "bits": layer.weight.bits})
 
+    def matmul(self, product: IntegerMatmul, quantizer_of: dict[fx.Node, FakeQuantizer]) -> None:
+        """Rewrite ``product`` into an integer matmul scaled once (``integer_matmul_form``)."""
+        first, second = (self._integers(source, quantizer_of[source]) for source in product.sources)
+        output = integer_matmul_form(self.gm, product, first, second)
+        set_converted(output, {"integer_matmul": layer_spec(product.node).name})
+
 
 ARITHMETICS = ("fake_quant", "engine")
 
@@ -137,8 +150,10 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False, arithmet
             ONNX file and integer engines compute: a conv/linear between a quantized input and
             a quantized weight accumulates the integers ``q_x * q_w`` (exact while partial
             sums stay below 2^24), then multiplies by ``s_x * s_w`` and adds its int32 bias
-            (``<bias>_int32``; ``lowering.integer_layer``). Compare an engine against this
-            mode (docs/deploy.md has the measured agreement).
+            (``<bias>_int32``; ``lowering.integer_layer``); a matmul of two quantized
+            activations accumulates ``q_a @ q_b`` and multiplies by ``s_a * s_b``
+            (``lowering.integer_matmul``). Compare an engine against this mode
+            (docs/deploy.md has the measured agreement).
 
     The float weights that were quantized are removed; the result is in eval mode. Each
     dequantize node records what it lowered in ``node.meta["ptqat_convert"]``.
@@ -161,9 +176,12 @@ def convert(qmodel: fx.GraphModule, *, pack_int4_weights: bool = False, arithmet
     ]
     if arithmetic == "engine":
         layers = [layer for node in layer_nodes(gm) if (layer := integer_layer(gm, node)) is not None]
+        products = [product for node in layer_nodes(gm) if (product := integer_matmul(gm, node)) is not None]
         quantizer_of = {node: quantizer for node, _, quantizer in plan if quantizer is not None}
         for layer in layers:
             lowering.integer(layer, quantizer_of[layer.source])
+        for product in products:
+            lowering.matmul(product, quantizer_of)
     for node, weight, quantizer in plan:
         if weight is None and quantizer is None:
             continue

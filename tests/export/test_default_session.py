@@ -58,3 +58,27 @@ def test_default_session_and_reference_agree_on_a_bev_stand_in(tmp_path):
             # Heads are (1, C, H, W) maps: the peak of each class map is the detection.
             found = step_agreement(got.reshape(want.shape[1], -1), want.reshape(want.shape[1], -1), step)
             assert found.within_one_step >= MIN_WITHIN_ONE_STEP and found.argmax_changed == 0.0, found
+
+
+OPTIMIZATION_LEVELS = (onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                       onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                       onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL)
+
+
+def test_attention_runs_the_engine_arithmetic_exactly_at_every_optimization_level(tmp_path):
+    # The ViT's matmuls of two activations are integer forms too: with extended optimizations
+    # onnxruntime would otherwise fuse `DQ, DQ -> MatMul -> Q` into QLinearMatMul, whose
+    # combined requantization multiplier rounds differently from float Q/DQ at near-ties.
+    qmodel = quantized("vit", 4)
+    ptqat_fx.export_onnx(qmodel, (example_input("vit"),), tmp_path / "m.onnx", dynamic_batch=True)
+    x = torch.randn((32, *EXAMPLES["vit"][1][1:]), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ptqat_fx.convert(qmodel, arithmetic="engine")(x).numpy()
+    runs = {"reference": run_onnx(tmp_path / "m.onnx", (x,), "reference")[0]}
+    for level in OPTIMIZATION_LEVELS:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = level
+        session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+        runs[str(level)] = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    for runtime, got in runs.items():
+        assert step_agreement(got, expected, output_step(qmodel)).max_steps == 0.0, runtime

@@ -80,3 +80,45 @@ def test_a_layer_called_three_times_gets_one_int32_bias_per_call():
     assert biases == ["refine.bias_int32", "refine.bias_int32_1", "refine.bias_int32_2"]
     with torch.no_grad():
         assert torch.isfinite(engine(x)).all()
+
+
+class _Attention(nn.Module):
+    """``softmax(q @ k^T) @ v`` of one head: both matmuls multiply two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+def test_a_matmul_of_two_activations_accumulates_their_integers_and_is_scaled_once():
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(2, 5, 8)
+    config = ptqat_fx.QuantConfig(w_bits=8, a_bits=8, w_observer="minmax", a_observer="minmax")
+    qmodel = ptqat_fx.quantize(model, (x,), [x], config, progress=False).eval()
+    engine = ptqat_fx.convert(qmodel, arithmetic="engine")
+    products = [node.meta["ptqat_convert"]["integer_matmul"] for node in engine.graph.nodes
+                if "integer_matmul" in node.meta.get("ptqat_convert", {})]
+    assert len(products) == 2, products
+
+    # The last product, recomputed from its operands' integers in float64.
+    recorded: dict[str, torch.Tensor] = {}
+    quantizers = ptqat_fx.runtime.quantizer.quantizers(qmodel)
+    last = [n for n in qmodel.graph.nodes if n.op == "call_function" and n.target.__name__ == "matmul"][-1]
+    handles = [qmodel.get_submodule(source.target).register_forward_hook(
+        lambda module, args, out, name=source.target: recorded.__setitem__(name, args[0].detach()))
+        for source in last.args]
+    with torch.no_grad():
+        qmodel(x)
+    for handle in handles:
+        handle.remove()
+    (a_name, b_name) = (source.target for source in last.args)
+    q_a, q_b = _integers(recorded[a_name], quantizers[a_name]), _integers(recorded[b_name], quantizers[b_name])
+    expected = (q_a @ q_b) * (quantizers[a_name].scale.double() * quantizers[b_name].scale.double())
+    with torch.no_grad():
+        got = engine(x).double()
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-6, atol=1e-7)
