@@ -7,7 +7,8 @@
 #
 #   OUT=/some/dir SECONDS_BUDGET=500 bash examples/gpu_evidence.sh
 #
-# FMNIST_WORKERS (5; 0 skips Fashion-MNIST), BEV_MODELS ("bevdet bevdepth4d bevformer sparsebev"),
+# FMNIST_WORKERS (5; 0 skips Fashion-MNIST), FMNIST_MODELS ("resnet vit"), FMNIST_CURVE (1; 0 skips
+# the learning curve), BEV_MODELS ("bevdet bevdepth4d bevformer sparsebev"),
 # DENSE_TASKS ("bevdet_seg bevformer_seg bevdepth4d_occ"), BEV_SEEDS ("0 1 2") and BEV_BITS
 # ("W4A8 W4A4") choose how the call's time is shared; BEV_MODELS="" or DENSE_TASKS="" skips those.
 # The BEV grids run the 13 core arms (examples/experiment.py ARM_SETS), and W4A8 and W4A4 only:
@@ -23,10 +24,11 @@ sampler=$!
 # Fashion-MNIST grid: the parent trains the FP checkpoints, then the workers share the (bits, seed) groups.
 if [ "${FMNIST_WORKERS:-5}" != 0 ]; then
 OUT=$work/fmnist python3 -m examples.fashion_mnist.gpu_run --seconds "$budget" --workers "${FMNIST_WORKERS:-5}" \
+    --models ${FMNIST_MODELS:-resnet vit} \
     > "$work/fmnist.log" 2>&1 &
 # The learning curve needs the CNN's checkpoint: wait for the grid's parent to write it.
 start=$(date +%s)
-(
+[ "${FMNIST_CURVE:-1}" != 0 ] && (
   [ -f docs/results_fmnist_curve.json ] && cp docs/results_fmnist_curve.json "$work/curve/curve.json"
   ckpt=examples/checkpoints/fmnist_resnet.pt
   [ -f $ckpt ] || { until [ -f "$work/fmnist/fmnist_resnet.pt" ]; do sleep 5; done; sleep 5;
