@@ -42,6 +42,7 @@ from ..runtime.quantizer import FakeQuantizer, is_quantizer_node
 from ..views.deploy_report import attach, deploy_report
 from . import tensorrt_rules
 from .data_dependent import is_data_dependent, specialised_program
+from .fragile_clips import relu_for_fragile_clips
 from .markers import DOMAIN, ActivationQuant, Entry, Unscaled, mark_leaves, translation_table
 
 DEFAULT_OPSET = 21
@@ -338,6 +339,8 @@ def export_onnx(
             ) from error
         raise
     model = _MarkerLowering(program.model_proto, table, shift_signed=not tensorrt).run()
+    if not tensorrt:  # an onnxruntime fusion's mistake; TensorRT's file keeps the exported ops
+        model = relu_for_fragile_clips(model)
     onnx.checker.check_model(model, full_check=True)
     if tensorrt:
         tensorrt_rules.require(model)

@@ -35,10 +35,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
                                         "boxes/scores), so the W8A8 and convert errors read NaN (not measurable)")
        for line in ("w8a8", "convert")},
     ("tv/fcos_resnet50_fpn", "onnx"): "torch.onnx ConversionError in step 3/3 (exported program -> ONNX)",
-    ("smp/FPN(mobilenet_v2)", "onnx"): ("onnxruntime's ClipQuantFusion (ORT_ENABLE_EXTENDED, in the default session) "
-                                        "removes 4 ReLU6 Clips before Qs whose range (+-1.7e-8, random-init steps of "
-                                        "1e-10) is within its absolute epsilon 1.2e-7 of the clip's, so negatives pass: "
-                                        "0.073; at ORT_ENABLE_BASIC 1e-7 (docs/coverage.md)"),
     ("mobilenet_v3_small", "w8a8"): RANDOM_INIT_W8A8,
     ("smp/Unet(mobilenet_v2)", "w8a8"): RANDOM_INIT_W8A8,
     ("timm/efficientnet_b0", "w8a8"): RANDOM_INIT_W8A8,
