@@ -14,11 +14,11 @@ removes only where the zero point is the Q's minimum (where a ReLU is redundant)
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from .tensorrt_rules import QDQGraph
 
 ORT_CLIP_EPSILON = float(np.finfo(np.float32).eps)
 _INTEGER_RANGES = {
@@ -28,20 +28,18 @@ _INTEGER_RANGES = {
 }
 
 
-def _scalar(initializers: dict[str, TensorProto], name: str) -> float | None:
-    if name not in initializers:
-        return None
-    values = numpy_helper.to_array(initializers[name])
-    return float(values) if values.size == 1 else None
+def _scalar(graph: QDQGraph, name: str) -> float | None:
+    values = graph.array(name)
+    return float(values) if values is not None and values.size == 1 else None
 
 
-def _quantize_range(node: onnx.NodeProto, initializers: dict[str, TensorProto]) -> tuple[float, float] | None:
+def _quantize_range(graph: QDQGraph, node: onnx.NodeProto) -> tuple[float, float] | None:
     """The float range [lower, upper] a per-tensor QuantizeLinear with constant scale and zero
     point can represent; None for anything else."""
-    if len(node.input) < 3 or node.input[2] not in initializers:
+    if len(node.input) < 3:
         return None
-    scale, zero_point = _scalar(initializers, node.input[1]), _scalar(initializers, node.input[2])
-    bounds = _INTEGER_RANGES.get(initializers[node.input[2]].data_type)
+    scale, zero_point = _scalar(graph, node.input[1]), _scalar(graph, node.input[2])
+    bounds = _INTEGER_RANGES.get(graph.quantized_type(node))
     if scale is None or zero_point is None or bounds is None:
         return None
     return scale * (bounds[0] - zero_point), scale * (bounds[1] - zero_point)
@@ -51,32 +49,28 @@ def relu_for_fragile_clips(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite in place each ``Clip(x, 0, high)`` whose only consumer is a QuantizeLinear of
     range [lower, upper] with lower < 0 <= lower + epsilon and high >= upper (the case
     onnxruntime's ClipQuantFusion gets wrong) into ``Relu(x)``; returns ``model``."""
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    graph_outputs = {output.name for output in graph.output}
+    graph = QDQGraph(model)
+    graph_outputs = {output.name for output in model.graph.output}
     bounds: set[str] = set()
-    for index, node in enumerate(graph.node):
+    for node in graph.nodes:
         if node.op_type != "Clip" or len(node.input) < 2 or node.output[0] in graph_outputs:
             continue
-        users = consumers[node.output[0]]
+        users = graph.consumers.get(node.output[0], [])
         if len(users) != 1 or users[0].op_type != "QuantizeLinear" or users[0].input[0] != node.output[0]:
             continue
-        low = _scalar(initializers, node.input[1])
-        high = _scalar(initializers, node.input[2]) if len(node.input) > 2 and node.input[2] else float("inf")
-        q_range = _quantize_range(users[0], initializers)
+        low = _scalar(graph, node.input[1])
+        high = _scalar(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else float("inf")
+        q_range = _quantize_range(graph, users[0])
         if low != 0.0 or high is None or q_range is None:
             continue
         lower, upper = q_range
         if lower < 0.0 <= lower + ORT_CLIP_EPSILON and high >= upper:
             bounds.update(node.input[1:])
-            graph.node[index].CopyFrom(helper.make_node("Relu", [node.input[0]], list(node.output), name=node.name))
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name not in bounds or init.name in used]
-    if len(kept) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+            # ``graph.nodes`` holds the model's own messages: this rewrites the model.
+            node.CopyFrom(helper.make_node("Relu", [node.input[0]], list(node.output), name=node.name))
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [init for init in model.graph.initializer if init.name not in bounds or init.name in used]
+    if len(kept) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     return model
