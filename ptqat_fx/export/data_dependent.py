@@ -22,6 +22,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from ..dead_code import eliminate_dead_code
 from ..errors import InputError
 
 # Draft export's real-tensor propagation has taken a decision the example inputs do not take
@@ -124,6 +125,6 @@ def specialised_program(
     for node in list(graph.nodes):
         if node.target in _ASSERTIONS and not node.users:
             graph.erase_node(node)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     program.graph_module.recompile()
     return program

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
 from ..checks import require_quantized_float32
+from ..dead_code import eliminate_dead_code
 from ..errors import InputError
 from ..meta import SPECIALIZATION_KEY
 from ..layer_spec import layer_nodes, layer_specs
@@ -158,7 +159,7 @@ def marker_graph(qmodel: fx.GraphModule, integer_layers: bool = True) -> tuple[f
         node.replace_all_uses_with(marker, delete_user_cb=lambda user: user is not marker)
         if node is not source:
             gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

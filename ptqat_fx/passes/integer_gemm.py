@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx
 
+from ..dead_code import eliminate_dead_code
 from ..meta import converted
 from ..runtime.integer_gemm import integer_linear
 
@@ -50,7 +51,7 @@ def integer_gemm(gm: fx.GraphModule) -> fx.GraphModule:
             replacement = gm.graph.call_function(integer_linear, (*operands, bias))
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm
