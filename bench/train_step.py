@@ -258,6 +258,7 @@ def main() -> None:
     arms = sorted(args.arms, key=lambda arm: arm not in FLOAT_ARMS)
     bases: dict[str, nn.Module] = {}
     float_diffs: dict[str, list[float]] = {name: [] for name in names}
+    floors: dict[tuple[str, str], dict[str, float]] = {}  # (model, float arm) -> per-tensor compiled diffs
     for arm, name in [(arm, name) for arm in arms for name in names]:
         build, shape = models[name]
         if name not in bases:
@@ -276,15 +277,29 @@ def main() -> None:
             x, y = _batch(shape, device)
             compiled = torch.compile(model, backend=args.compile_backend) if arm in args.compile_arms else None
             tolerance = tolerance_from_floor(float_diffs[name]) if arm not in FLOAT_ARMS and float_diffs[name] else None
-            check = grad_check(model, compiled, (x,), lambda out: F.cross_entropy(out, y), tolerance, f"{name}/{arm}")
-            if arm in FLOAT_ARMS and compiled is not None:
-                float_diffs[name].append(check["worst_rel_diff"])
-            rows[arm] = {**time_steps(model, model, shape, device, args.warmup, args.steps), "grad_check": check}
+            # The eager arm is checked (and timed) on its own, so that a compiled refusal keeps it.
+            eager_check = grad_check(model, None, (x,), lambda out: F.cross_entropy(out, y), label=f"{name}/{arm}")
+            eager_check.pop("diffs")
+            rows[arm] = {**time_steps(model, model, shape, device, args.warmup, args.steps), "grad_check": eager_check}
             if args.kernels_off_too and arm not in FLOAT_ARMS:
                 rows[f"{arm} kernels off"] = kernels_off_row(model, shape, device, args, x, y, f"{name}/{arm}")
             if compiled is not None:
-                rows[f"{arm} compiled"] = {**time_steps(model, compiled, shape, device, args.warmup, args.steps),
-                                   "grad_check": check}
+                # Quantized arms: per-tensor bounds from their floor arm's tensors (same names) and
+                # from one ulp of input (bench.grad_check).
+                floor = floors.get((name, FLOOR_OF.get(arm, "")), floors.get((name, "floor")))
+                try:
+                    check = grad_check(model, compiled, (x,), lambda out: F.cross_entropy(out, y), tolerance,
+                                       f"{name}/{arm} compiled", sensitivity=arm not in FLOAT_ARMS,
+                                       floor=None if arm in FLOAT_ARMS else floor)
+                except GradientCheckError as error:
+                    rows[f"{arm} compiled"] = {"error": f"GradientCheckError: {str(error)[:600]}"}
+                else:
+                    if arm in FLOAT_ARMS:
+                        float_diffs[name].append(check["worst_rel_diff"])
+                        floors[(name, arm)] = check["diffs"]
+                    check = {key: value for key, value in check.items() if key != "diffs"}
+                    rows[f"{arm} compiled"] = {**time_steps(model, compiled, shape, device, args.warmup, args.steps),
+                                               "grad_check": check}
             if arm in args.profile_arms:
                 profiles.append(f"== {name} / {arm}\n{profile_steps(model, shape, device, 15)}")
                 print(profiles[-1], flush=True)
