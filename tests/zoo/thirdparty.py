@@ -5,7 +5,9 @@ family takes them), transformers from small configs, segmentation_models_pytorch
 ``encoder_weights=None``, efficientnet_pytorch ``EfficientNet.from_name``. Nothing is
 downloaded (``HF_HUB_OFFLINE=1``). Each builder keeps the family's real blocks and code paths
 at the smallest depth, width and input size the architecture accepts, so that one model runs
-the whole stage pipeline in seconds on a CPU core.
+the whole stage pipeline in seconds on a CPU core. Where the random init is degenerate (the
+output hardly depends on the input through eval-mode BatchNorms at running_var 1), the
+BatchNorm statistics are estimated on random images (``with_batchnorm_statistics``).
 """
 from __future__ import annotations
 
@@ -34,6 +36,29 @@ def _tokens(seed: int) -> tuple:
 
 
 IMG64, IMG32 = image((2, 3, 64, 64)), image((2, 3, 32, 32))
+
+
+def with_batchnorm_statistics(build: Builder, shape: tuple[int, ...] = (16, 3, 64, 64), batches: int = 4) -> Builder:
+    """``build``, then every BatchNorm's running statistics estimated on ``batches`` random
+    image batches (train-mode forwards, ``momentum=None``: their plain average), as a trained
+    model's BatchNorms have seen data. At running_var 1 a random-init conv stack keeps shrinking
+    its activations (a default-init conv passes about a third of its input's variance on)."""
+    def build_with_statistics() -> nn.Module:
+        model = build()
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [norm.momentum for norm in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        model.train()
+        with torch.no_grad():
+            for seed in range(batches):
+                model(*image(shape)(1000 + seed))  # seeds no test input uses
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        return model.eval()
+
+    return build_with_statistics
 
 
 def _timm(name: str, **kwargs) -> Builder:
@@ -65,7 +90,9 @@ def timm_zoo() -> Zoo:
         "timm/regnetx_002": (_timm("regnetx_002"), IMG64),
         "timm/convnext_atto": (_timm("convnext_atto"), IMG64),
         "timm/resnet18": (_timm("resnet18"), IMG64),
-        "timm/repvgg_a0": (_timm("repvgg_a0"), IMG64),
+        # At running_var 1 its output hardly depends on the input (gradients toward the stem
+        # below float32 resolution of the weights).
+        "timm/repvgg_a0": (with_batchnorm_statistics(_timm("repvgg_a0")), IMG64),
         "timm/ghostnet_100": (_timm("ghostnet_100"), IMG64),
         "timm/swin": (_timm("swin_tiny_patch4_window7_224", img_size=64, window_size=4, embed_dim=32,
                             depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)), IMG64),
@@ -177,7 +204,8 @@ def efficientnet_pytorch_zoo() -> Zoo:
 
         return EfficientNet.from_name("efficientnet-b0", image_size=64, num_classes=10)
 
-    return {"efficientnet_pytorch/b0": (build, IMG64)}
+    # At running_var 1 its features reach _fc at ~1e-13: the output is _fc.bias to the last bit.
+    return {"efficientnet_pytorch/b0": (with_batchnorm_statistics(build), IMG64)}
 
 
 def _detection_images(seed: int) -> tuple:
@@ -192,9 +220,14 @@ def torchvision_dense_zoo() -> Zoo:
         return {}
     detection, segmentation = torchvision.models.detection, torchvision.models.segmentation
     none = dict(weights=None, weights_backbone=None)
+    # score_thresh 0: at the classification prior 0.01 no random-init score reaches the default
+    # 0.2, and any threshold makes the number of candidates per level depend on the values,
+    # which the captured graph would take from the example (topk's k). At 0 it is the anchor
+    # count; topk_candidates and detections_per_img keep the ranking and nms small.
     return {
         "tv/fcos_resnet50_fpn": (lambda: detection.fcos_resnet50_fpn(**none, num_classes=3, min_size=64,
-                                                                     max_size=64, detections_per_img=10),
+                                                                     max_size=64, detections_per_img=10,
+                                                                     score_thresh=0.0, topk_candidates=20),
                                  _detection_images),
         "tv/deeplabv3_mobilenet_v3_large": (lambda: segmentation.deeplabv3_mobilenet_v3_large(**none, num_classes=3),
                                             IMG64),

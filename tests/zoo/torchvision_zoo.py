@@ -5,7 +5,8 @@ does not load, which is harmless for classification models, but its import then 
 registering fake kernels for ``torchvision::nms``/``qnms``, ops the extension would have
 defined. ``load_torchvision`` defines those two schemas, gives ``nms`` a CPU kernel in plain
 PyTorch (detection models call it in eval; ``roi_align`` has torchvision's own Python
-fallback) and imports again.
+fallback), imports again, and lets ``torchvision.ops.nms`` (which ``batched_nms`` and so the
+detection heads call) reach that kernel: it refuses to run without the extension.
 """
 from __future__ import annotations
 
@@ -56,7 +57,14 @@ def load_torchvision() -> ModuleType | None:
         for schema in _SCHEMAS:
             _library[0].define(schema)
         _library[0].impl("nms", _nms, "CPU")
-    return importlib.import_module("torchvision")
+    torchvision = importlib.import_module("torchvision")
+    torchvision.ops.nms = torchvision.ops.boxes.nms = _registered_nms
+    return torchvision
+
+
+def _registered_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``torchvision.ops.nms`` without its check that the C++ extension loaded."""
+    return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
 
 
 def randomize_zero_weights(model: nn.Module, seed: int = 0) -> nn.Module:
